@@ -1,0 +1,47 @@
+# The README's commands. Every target sets up what it needs itself (venv, pinned torch, Debian packages).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+EMOJI_TEST := /usr/share/unicode/emoji/emoji-test.txt
+DATA ?= data/emoji
+RUN ?= runs/ddpm_emoji
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP) $(FONT) $(EMOJI_TEST)
+
+# Re-run only when the dependency pins change; torch goes first so nothing else can pick another build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	# DeepSpeed builds against the venv's torch; its CPU shm op is compiled now, not at the first fit.
+	DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) --no-build-isolation deepspeed==0.19.8
+	$(PIP) -e '.[dev]'
+	touch $(STAMP)
+
+$(FONT) $(EMOJI_TEST):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fonts-noto-color-emoji unicode-data
+
+$(DATA)/manifest.json: | setup
+	$(VENV)/bin/gen-lightning shards emoji --out $(DATA) --size 64
+
+# The main job: emoji shards -> ~10 CPU-minutes of DDPM training -> sample grid + W&B offline run.
+demo: setup $(DATA)/manifest.json
+	$(VENV)/bin/gen-lightning fit --config configs/ddpm_emoji.yaml --trainer.default_root_dir $(RUN)
+	$(VENV)/bin/gen-lightning sample --ckpt $(RUN)/checkpoints/last.ckpt --n 64 --sampler ddim --steps 50 \
+		--out $(RUN)/samples.png
+	@echo "sample grid: $(RUN)/samples.png   W&B offline run: $(RUN)/wandb/"
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+lint: setup
+	$(VENV)/bin/ruff check gen_lightning tests bench
+	$(VENV)/bin/ruff format --check gen_lightning tests bench
+
+clean:
+	rm -rf $(VENV) runs data

@@ -1,0 +1,1 @@
+"""gen_lightning: generative models trained with PyTorch Lightning."""

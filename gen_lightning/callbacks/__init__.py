@@ -1,0 +1,5 @@
+from gen_lightning.callbacks.checkpoint import RunCheckpoint
+from gen_lightning.callbacks.sample_grid import SampleGrid
+from gen_lightning.callbacks.throughput import DataThroughput
+
+__all__ = ["DataThroughput", "RunCheckpoint", "SampleGrid"]

@@ -1,0 +1,198 @@
+"""`gen-lightning`: LightningCLI subcommands (fit, validate, test) plus shards / sample.
+
+Heavy imports (torch, Lightning: ~4 s) happen inside the subcommand that needs them, so `--help` and
+`gen-lightning shards ...` start quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import netrc
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+log = logging.getLogger("gen_lightning")
+
+USAGE = """usage: gen-lightning <command> [options]
+
+Training (LightningCLI; `gen-lightning fit --help` for every option):
+  fit        train:         gen-lightning fit --config configs/ddpm_emoji.yaml [--trainer.max_steps 100]
+  validate   validation:    gen-lightning validate --config CONFIG --ckpt_path CKPT
+  test       test loop:     gen-lightning test --config CONFIG --ckpt_path CKPT
+
+Tools:
+  shards     write webdataset shards:  gen-lightning shards emoji --out data/emoji --size 64
+                                       gen-lightning shards folder SRC --out DIR [--size 64]
+  sample     images from a checkpoint: gen-lightning sample --ckpt CKPT --n 64 --sampler ddim --steps 50 --out grid.png
+"""
+
+
+# --- W&B: offline unless the user has credentials ---------------------------------------------------------------------
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def default_wandb_mode() -> None:
+    """Compute nodes have no internet and often no W&B login: run offline (sync later with `wandb sync`) unless the
+    user has credentials. An explicit WANDB_MODE always wins."""
+    if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        print("gen-lightning: no W&B credentials found, logging offline (WANDB_MODE=offline)", file=sys.stderr)
+
+
+# --- LightningCLI -----------------------------------------------------------------------------------------------------
+def run_lightning_cli(args: Sequence[str]) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from gen_lightning.callbacks import DataThroughput, RunCheckpoint
+    from gen_lightning.data.datamodule import ShardDataModule
+    from gen_lightning.models.base import GenerativeModule
+
+    class GenLightningCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("data.image_size", "model.init_args.image_size")
+            # Always-on callbacks, configurable as top-level `checkpoint:` / `throughput:` keys.
+            parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(DataThroughput, "throughput")
+            parser.set_defaults(
+                {
+                    "trainer.logger": {
+                        "class_path": "lightning.pytorch.loggers.WandbLogger",
+                        "init_args": {"project": "gen_lightning"},
+                    }
+                }
+            )
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            root = config.trainer.default_root_dir or os.getcwd()
+            loggers = config.trainer.logger
+            for logger in loggers if isinstance(loggers, list) else [loggers]:
+                if getattr(logger, "class_path", "").endswith("WandbLogger") and logger.init_args.get("save_dir") in (
+                    None,
+                    "",
+                    ".",
+                ):
+                    logger.init_args.save_dir = root  # the run's W&B files live with its checkpoints
+                    Path(root).mkdir(parents=True, exist_ok=True)
+
+    default_wandb_mode()
+    GenLightningCLI(
+        model_class=GenerativeModule,
+        subclass_mode_model=True,
+        datamodule_class=ShardDataModule,
+        save_config_kwargs={"overwrite": True},
+        args=list(args),
+        auto_configure_optimizers=False,
+    )
+
+
+# --- shards -----------------------------------------------------------------------------------------------------------
+def shards_main(args: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="gen-lightning shards", description="Write webdataset tar shards + manifest.")
+    sub = parser.add_subparsers(dest="source", required=True)
+    emoji = sub.add_parser("emoji", help="render every fully-qualified emoji of Noto Color Emoji, captioned by name")
+    emoji.add_argument("--out", required=True, help="output folder")
+    emoji.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    emoji.add_argument("--font", default=None, help="path of NotoColorEmoji.ttf (default: the Debian package's)")
+    emoji.add_argument("--samples-per-shard", type=int, default=64)
+    emoji.add_argument("--limit", type=int, default=None, help="only the first N emoji (quick tests)")
+    folder = sub.add_parser("folder", help="an image folder with optional same-name .txt captions")
+    folder.add_argument("src", help="folder of images (searched recursively)")
+    folder.add_argument("--out", required=True, help="output folder")
+    folder.add_argument("--size", type=int, default=None, help="resize + center-crop to SIZE (default: keep bytes)")
+    folder.add_argument("--samples-per-shard", type=int, default=256)
+    folder.add_argument("--val-fraction", type=float, default=0.1)
+    ns = parser.parse_args(args)
+    if ns.source == "emoji":
+        from gen_lightning.data.emoji_source import write_emoji_shards
+
+        manifest = write_emoji_shards(ns.out, ns.size, ns.font, ns.samples_per_shard, ns.limit)
+    else:
+        from gen_lightning.data.folder_source import write_folder_shards
+
+        manifest = write_folder_shards(ns.src, ns.out, ns.size, ns.samples_per_shard, ns.val_fraction)
+    splits = ", ".join(
+        f"{name}: {s['num_samples']} samples in {len(s['shards'])} shards" for name, s in manifest["splits"].items()
+    )
+    skipped = manifest.get("skipped") or {}
+    print(f"wrote {Path(ns.out) / 'manifest.json'} ({splits}; skipped: {sum(skipped.values())} {dict(skipped)})")
+
+
+# --- sample -----------------------------------------------------------------------------------------------------------
+def sample_main(args: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="gen-lightning sample", description="Write a grid of samples from a checkpoint."
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit`")
+    parser.add_argument("--n", type=int, default=64, help="number of images")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the model's")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic, 1 DDPM-like)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="images generated at once")
+    parser.add_argument("--no-ema", action="store_true", help="sample from the raw (not EMA) weights")
+    parser.add_argument("--out", required=True, help="PNG path of the grid")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    ns = parser.parse_args(args)
+
+    import torch
+
+    from gen_lightning.images import make_grid, save_image_atomic
+    from gen_lightning.models.loading import load_model
+
+    model = load_model(ns.ckpt).to(ns.device)
+    generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
+    chunks = []
+    for start in range(0, ns.n, ns.batch_size):
+        count = min(ns.batch_size, ns.n - start)
+        chunks.append(
+            model.sample(
+                count, steps=ns.steps, sampler=ns.sampler, eta=ns.eta, generator=generator, use_ema=not ns.no_ema
+            )
+        )
+    path = save_image_atomic(make_grid(torch.cat(chunks)), ns.out)
+    print(f"wrote {path} ({ns.n} samples)")
+
+
+def _cuda_available() -> bool:
+    # Only asked when --device is left to default; avoids importing torch for `--help`.
+    if "--device" in sys.argv or "-h" in sys.argv or "--help" in sys.argv:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+TOOLS = {"shards": shards_main, "sample": sample_main}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command in TOOLS:
+        TOOLS[command](rest)
+    elif command in LIGHTNING_SUBCOMMANDS:
+        run_lightning_cli([command, *rest])
+    else:
+        print(USAGE, file=sys.stderr)
+        sys.exit(f"gen-lightning: unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main()

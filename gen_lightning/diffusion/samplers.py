@@ -1,0 +1,209 @@
+"""DDPM and DDIM samplers as diffusers-style scheduler objects (no model inside) plus a plain sampling loop.
+
+A sampler walks a descending subset of the training timesteps; the step after the last one goes to alpha_bar = 1
+(diffusers' set_alpha_to_one), so the final output is the predicted clean sample. Step coefficients are computed in
+float64 from the schedule and applied in the dtype of x_t.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gen_lightning.diffusion.parameterization import check_prediction_type, eps_from_x0, to_x0_and_eps
+from gen_lightning.diffusion.schedule import NoiseSchedule
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SAMPLER_NAMES = ("ddim", "ddpm")
+
+
+def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "trailing") -> torch.Tensor:
+    """Descending int64 timesteps as diffusers defines the spacings (Lin et al. 2023, table 2; steps_offset=0).
+
+    leading:  0, k, 2k, ... with k = T // n       (never reaches T-1: SD's default, biased away from pure noise)
+    trailing: round(T - i T/n) - 1, i = 0..n-1   (always starts at T-1)
+    linspace: round(linspace(0, T-1, n))          (both ends; for n=1 only t=0)
+    """
+    T, n = num_train_timesteps, num_steps
+    if not 1 <= n <= T:
+        raise ValueError(f"num_steps must be in 1..{T}, got {n}")
+    if spacing == "leading":
+        ts = torch.arange(n, dtype=torch.int64) * (T // n)
+    elif spacing == "trailing":
+        ts = torch.round(torch.arange(1, n + 1, dtype=torch.float64) * T / n).long() - 1
+    elif spacing == "linspace":
+        # numpy.linspace's arithmetic (k * step, last point exactly the end) so half-way roundings match diffusers.
+        ts = torch.zeros(1, dtype=torch.float64)
+        if n > 1:
+            ts = torch.arange(n, dtype=torch.float64) * ((T - 1) / (n - 1))
+            ts[-1] = T - 1
+        ts = torch.round(ts).long()
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; valid: {', '.join(TIMESTEP_SPACINGS)}")
+    return ts.flip(0)
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # Drawn on the generator's device so a CPU generator gives the same numbers whatever device x lives on.
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+class _DiscreteSampler:
+    """Timestep bookkeeping and prediction handling shared by DDPM and DDIM."""
+
+    init_noise_sigma = 1.0  # x_T ~ N(0, I) for variance-preserving schedules
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        clip_sample: float | None = 1.0,
+        timestep_spacing: str = "trailing",
+    ) -> None:
+        check_prediction_type(prediction_type)
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; valid: {', '.join(TIMESTEP_SPACINGS)}")
+        if clip_sample is not None and clip_sample <= 0:
+            raise ValueError(f"clip_sample must be > 0 or None, got {clip_sample}")
+        if prediction_type == "epsilon" and schedule.terminal_alpha_bar == 0:
+            raise ValueError(
+                "prediction_type='epsilon' cannot be sampled from a schedule with alpha_bar[T-1] == 0 "
+                "(zero_terminal_snr): x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by zero; "
+                "use prediction_type='v' or 'sample'"
+            )
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.clip_sample = clip_sample
+        self.timestep_spacing = timestep_spacing
+        self.set_timesteps(schedule.num_timesteps)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self.timesteps = spaced_timesteps(self.schedule.num_timesteps, num_steps, self.timestep_spacing)
+        self.num_steps = num_steps
+        ts = self.timesteps.tolist()
+        self._prev = dict(zip(ts, [*ts[1:], -1], strict=True))
+
+    def previous_timestep(self, t: int) -> int:
+        """The timestep the step from t lands on; -1 after the last one (clean data)."""
+        try:
+            return self._prev[int(t)]
+        except KeyError:
+            raise ValueError(f"timestep {int(t)} is not in the current timesteps (call set_timesteps first)") from None
+
+    def _alpha_bars(self, t: int) -> tuple[float, float]:
+        prev = self.previous_timestep(t)
+        ab = self.schedule.alphas_cumprod
+        return float(ab[int(t)]), (float(ab[prev]) if prev >= 0 else 1.0)
+
+    def _x0_and_eps(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, ab_t: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, eps = to_x0_and_eps(self.prediction_type, model_output, x_t, ab_t)
+        if self.clip_sample is not None:
+            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
+            # Keep eps consistent with the clipped x0 and x_t, so the DDIM update stays on the same posterior as DDPM.
+            eps = eps_from_x0(x_t, x0, ab_t)
+        return x0, eps
+
+
+class DDIMSampler(_DiscreteSampler):
+    """Song et al. 2021, eq. 12; eta=0 is deterministic DDIM, eta=1 with all steps is DDPM's ancestral sampler."""
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction_type: str = "epsilon",
+        eta: float = 0.0,
+        clip_sample: float | None = 1.0,
+        timestep_spacing: str = "trailing",
+    ) -> None:
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.eta = eta
+        super().__init__(schedule, prediction_type, clip_sample, timestep_spacing)
+
+    def variance(self, t: int) -> float:
+        """sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev) for the step from t."""
+        ab_t, ab_prev = self._alpha_bars(t)
+        return self.eta**2 * (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
+
+    def step(
+        self, model_output: torch.Tensor, t: int, x_t: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        ab_t, ab_prev = self._alpha_bars(t)
+        x0, eps = self._x0_and_eps(model_output, x_t, ab_t)
+        var = self.variance(t)
+        x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - var, 0.0)) * eps
+        if var > 0:
+            x_prev = x_prev + math.sqrt(var) * _randn_like(x_t, generator)
+        return x_prev
+
+
+class DDPMSampler(_DiscreteSampler):
+    """Ho et al. 2020 ancestral sampling with the posterior variance ("fixed_small").
+
+    Fewer steps than T use improved-DDPM respacing: for kept steps s_i the betas are 1 - ab[s_i] / ab[s_{i-1}], which
+    is the same as using q(x_{prev} | x_t, x0) between two kept steps, so it is computed from the alpha_bars directly.
+    """
+
+    def _posterior(self, t: int) -> tuple[float, float, float]:
+        """(coefficient of x0, coefficient of x_t, variance) of q(x_prev | x_t, x0) on the respaced chain."""
+        ab_t, ab_prev = self._alpha_bars(t)
+        alpha = ab_t / ab_prev
+        beta = 1 - alpha
+        return (
+            beta * math.sqrt(ab_prev) / (1 - ab_t),
+            (1 - ab_prev) * math.sqrt(alpha) / (1 - ab_t),
+            beta * (1 - ab_prev) / (1 - ab_t),
+        )
+
+    def variance(self, t: int) -> float:
+        return self._posterior(t)[2]
+
+    def step(
+        self, model_output: torch.Tensor, t: int, x_t: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        ab_t, _ = self._alpha_bars(t)
+        x0, _ = self._x0_and_eps(model_output, x_t, ab_t)
+        c_x0, c_xt, var = self._posterior(t)
+        x_prev = c_x0 * x0 + c_xt * x_t
+        if var > 0:
+            x_prev = x_prev + math.sqrt(var) * _randn_like(x_t, generator)
+        return x_prev
+
+
+def make_sampler(
+    name: str, schedule: NoiseSchedule, prediction_type: str = "epsilon", **kwargs: Any
+) -> DDIMSampler | DDPMSampler:
+    """Build a sampler by name ("ddim" | "ddpm"); kwargs go to its constructor."""
+    if name == "ddim":
+        return DDIMSampler(schedule, prediction_type, **kwargs)
+    if name == "ddpm":
+        return DDPMSampler(schedule, prediction_type, **kwargs)
+    raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLER_NAMES)}")
+
+
+@torch.no_grad()
+def sample_loop(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sampler: DDIMSampler | DDPMSampler,
+    shape: tuple[int, ...],
+    num_steps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the sampler from x_T ~ N(0, I) (or the given x_T); model gets (x_t, t as int64 [N]) in prediction_type."""
+    sampler.set_timesteps(num_steps)
+    if x_T is None:
+        if device is None:
+            device = generator.device if generator is not None else "cpu"
+        x_T = _randn_like(torch.empty(shape, device=device, dtype=dtype), generator) * sampler.init_noise_sigma
+    x = x_T
+    for t in sampler.timesteps.tolist():
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        x = sampler.step(model(x, t_batch), t, x, generator=generator)
+    return x

@@ -1,0 +1,119 @@
+"""DiffusionModel: DDPM training of a UNet on images, DDPM/DDIM sampling from EMA weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gen_lightning.diffusion import DiffusionLoss, NoiseSchedule, make_sampler, sample_loop
+from gen_lightning.models.base import GenerativeModule
+from gen_lightning.nn.ema import EMA
+from gen_lightning.nn.unet import UNet, UNetConfig
+
+
+class DiffusionModel(GenerativeModule):
+    """Unconditional pixel-space diffusion.
+
+    Args:
+        unet: UNet shape (in/out channels must equal the image channels).
+        image_size: H = W of training images and samples (linked from data.image_size by the CLI).
+        schedule / num_timesteps / zero_terminal_snr: the noise schedule (see diffusion.NoiseSchedule).
+        prediction_type: "epsilon", "v" or "sample": what the UNet predicts.
+        loss_weighting: "uniform" or "min_snr" (Min-SNR-γ, Hang et al. 2023) with min_snr_gamma.
+        lr / weight_decay / adam_betas / warmup_steps / lr_schedule: AdamW with linear warm-up, then "constant" or
+            "cosine" decay to 10% over the run.
+        ema_max_decay / ema_power: EMA with warm-up (see nn.ema); samples come from the EMA weights.
+        sampler / sample_steps / eta / clip_sample: defaults of `sample()`.
+    """
+
+    def __init__(
+        self,
+        unet: UNetConfig | None = None,
+        image_size: int = 32,
+        schedule: str = "linear",
+        num_timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
+        prediction_type: str = "epsilon",
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 500,
+        lr_schedule: str = "constant",
+        ema_max_decay: float = 0.9999,
+        ema_power: float = 2 / 3,
+        sampler: str = "ddim",
+        sample_steps: int = 50,
+        eta: float = 0.0,
+        clip_sample: float | None = 1.0,
+    ) -> None:
+        super().__init__()
+        unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())
+        self.save_hyperparameters()
+        self.hparams["unet"] = unet_config.as_dict()  # plain types only: checkpoints load weights-only
+        self.unet = UNet(unet_config)
+        self.ema = EMA(self.unet, max_decay=ema_max_decay, power=ema_power)
+        self.schedule = NoiseSchedule.from_name(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
+        self.loss_fn = DiffusionLoss(self.schedule, prediction_type, loss_weighting, min_snr_gamma)
+        self.make_sampler(sampler)  # fail at construction, not after an hour of training, on a bad sampler setting
+        self.image_shape = (unet_config.in_channels, image_size, image_size)
+
+    # --- training -------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        loss = self.loss_fn(self.unet, images)
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["image"]
+        # A fixed generator per batch: val/loss is comparable between evaluations, not re-drawn noise.
+        generator = torch.Generator(device=images.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
+        loss = self.loss_fn(self.ema.shadow, images, generator=generator)
+        self.log("val/loss", loss, sync_dist=True, batch_size=images.shape[0])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.update_ema(self.ema, self.unet)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return self.adamw_with_warmup(self.unet.parameters())
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+    def make_sampler(self, name: str | None = None, eta: float | None = None):
+        name = name or self.hparams.sampler
+        kwargs: dict[str, Any] = {"clip_sample": self.hparams.clip_sample}
+        if name == "ddim":
+            kwargs["eta"] = self.hparams.eta if eta is None else eta
+        return make_sampler(name, self.schedule, self.hparams.prediction_type, **kwargs)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        cond: Any = None,
+        steps: int | None = None,
+        guidance: float = 1.0,
+        sampler: str | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """n images in [-1, 1], NCHW. cond/guidance exist for the shared interface; this model is unconditional."""
+        if cond is not None or guidance != 1.0:
+            raise ValueError("DiffusionModel is unconditional: cond and guidance are not supported")
+        network = self.ema.shadow if use_ema else self.unet
+        was_training = network.training
+        network.eval()
+        try:
+            return sample_loop(
+                network,
+                self.make_sampler(sampler, eta),
+                (n, *self.image_shape),
+                steps or self.hparams.sample_steps,
+                generator=generator,
+                device=self.device,
+            ).clamp(-1, 1)
+        finally:
+            network.train(was_training)

@@ -1,0 +1,142 @@
+"""ShardDataModule on real tar shards: exact-once validation across ranks × workers, equal train epochs per rank,
+corrupt samples skipped and counted, clear errors for patterns that match nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from gen_lightning.data.datamodule import ShardDataModule
+from gen_lightning.data.decode import ImageTransform, drain_skipped
+from gen_lightning.data.shard_writer import read_manifest
+from gen_lightning.data.urls import ShardPatternError, expand_pattern
+from tests.conftest import REPO, shape_png
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def val_keys_of(shards: Path) -> list[str]:
+    manifest = read_manifest(shards)
+    keys = []
+    for shard in manifest["splits"]["val"]["shards"]:
+        with tarfile.open(shards / shard["url"]) as tar:
+            keys += sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})
+    return keys
+
+
+def test_two_ranks_two_workers_see_each_val_sample_once_and_equal_train_batches(toy_shards, tmp_path):
+    subprocess.run(
+        [sys.executable, str(REPO / "tests" / "dist_data_probe.py"), str(toy_shards), str(tmp_path), str(free_port())],
+        check=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    seen = ranks[0]["val_keys"] + ranks[1]["val_keys"]
+    expected = val_keys_of(toy_shards)
+    assert len(expected) >= 4
+    assert sorted(seen) == sorted(expected)  # every val sample, exactly once over both ranks
+    assert ranks[0]["val_keys"] and ranks[1]["val_keys"]  # and both ranks took part
+    train_count = read_manifest(toy_shards)["splits"]["train"]["num_samples"]
+    counts = [len(r["train_batches"]) for r in ranks]
+    assert counts[0] == counts[1] == ranks[0]["second_epoch"] == ranks[1]["second_epoch"]
+    # an epoch covers samples_per_epoch (the manifest's train count) within one batch per worker of rounding
+    assert abs(sum(counts) * 4 - train_count) <= 2 * 2 * 4
+    assert all(size == 4 for r in ranks for size in r["train_batches"])
+
+
+def test_batches_are_dicts_in_range(toy_shards):
+    data = ShardDataModule(train=str(toy_shards), val=str(toy_shards), image_size=16, batch_size=5, num_workers=0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (5, 3, 16, 16) and batch["image"].dtype == torch.float32
+    assert -1.0 <= batch["image"].min() < 0.0 < batch["image"].max() <= 1.0
+    assert all(isinstance(c, str) and c.split()[-1] in ("circle", "square") for c in batch["caption"])
+    assert len(batch["__key__"]) == 5
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    good = shape_png("red", "circle")
+    write_tar(
+        tmp_path / "bad-000000.tar",
+        [
+            ("a.png", good),
+            ("a.txt", b"red circle"),
+            ("b.png", b"this is not an image"),
+            ("b.txt", b"garbage"),
+            ("c.png", good[: len(good) // 2]),  # truncated PNG
+            ("d.png", good),
+            ("d.txt", b"\xff\xfe not utf-8"),
+            ("e.png", good),
+        ],
+    )
+    # a tar cut off in the middle of a member: the reader must count it, not crash
+    write_tar(tmp_path / "bad-000001.tar", [("f.png", good), ("g.png", good)])
+    data = (tmp_path / "bad-000001.tar").read_bytes()
+    (tmp_path / "bad-000001.tar").write_bytes(data[: 3 * 512 + 100])  # headers and data blocks are 512 bytes
+    drain_skipped()
+    loader = ShardDataModule(val=str(tmp_path / "bad-{000000..000001}.tar"), image_size=16, batch_size=2, num_workers=0)
+    loader.setup("validate")
+    batches = list(loader.val_dataloader())
+    keys = [k for b in batches for k in b["__key__"]]
+    assert sorted(keys) == ["a", "e", "f"]
+    assert sum(b["skipped"] for b in batches) == 4  # b (not an image), c (truncated), d (caption), g (cut tar)
+
+
+def test_pattern_matching_nothing_names_the_pattern(tmp_path):
+    pattern = str(tmp_path / "nothing-{000000..000003}.tar")
+    with pytest.raises(ShardPatternError, match=r"nothing-\{000000\.\.000003\}\.tar.*matches no file"):
+        expand_pattern(pattern)
+    data = ShardDataModule(train=pattern, samples_per_epoch=10)
+    with pytest.raises(ShardPatternError, match="matches no file"):
+        data.setup("fit")
+
+
+def test_partly_missing_shards_are_named(toy_shards):
+    pattern = str(toy_shards / "train-{000000..000999}.tar")
+    with pytest.raises(ShardPatternError, match=r"shards missing: .*train-0000"):
+        expand_pattern(pattern)
+
+
+def test_too_few_val_shards_for_readers_is_a_clear_error(toy_shards):
+    one_shard = str(toy_shards / "val-000000.tar")
+    data = ShardDataModule(val=one_shard, num_workers=2)
+    with pytest.raises(ShardPatternError, match=r"1 shard\(s\) for 1 rank\(s\) × 2 worker\(s\)"):
+        data.setup("validate")
+
+
+def test_image_modes_are_converted_to_rgb_on_white():
+    import random
+
+    from PIL import Image
+
+    transform = ImageTransform(8)
+    rng = random.Random(0)
+    transparent = Image.new("RGBA", (20, 10), (255, 0, 0, 0))
+    assert torch.allclose(transform(transparent, rng), torch.ones(3, 8, 8))  # transparent -> white
+    gray16 = Image.new("I;16", (8, 8), 65535)
+    assert torch.allclose(transform(gray16, rng), torch.ones(3, 8, 8))  # 16-bit white stays white (not clipped)
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 255] + [0] * 765)
+    out = transform(palette, rng)
+    assert out[2].min() > 0.99 and out[0].max() < -0.99
