@@ -398,6 +398,8 @@ def test_linear_schedule_scales_with_num_timesteps() -> None:
     assert float(sd.betas[0]) == pytest.approx(0.00085) and float(sd.betas[-1]) == pytest.approx(0.012)
     cos = NoiseSchedule.from_name("cosine", 1000)
     assert float(cos.betas.max()) <= 0.999
+    # alpha_bar after 500 of 1000 steps: cos^2(0.508/1.008 * pi/2) / cos^2(0.008/1.008 * pi/2) = 0.49377 / 0.99984
+    assert float(cos.alphas_cumprod[499]) == pytest.approx(0.49384, abs=1e-4)
     # tiny T: scaled betas would pass 1; clamped so alpha_bar stays positive
     tiny = NoiseSchedule.from_name("linear", 10)
     assert float(tiny.betas.max()) == 0.999 and tiny.terminal_alpha_bar > 0

@@ -58,13 +58,16 @@ class SampleGrid(L.Callback):
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_logged_step = step = trainer.global_step
         world, rank = trainer.world_size, trainer.global_rank
-        share = -(-self.num_samples // world)  # equal shares keep all_gather shapes equal; extras are dropped
+        num_samples, kwargs = self.num_samples, self._kwargs(pl_module)
+        if trainer.fast_dev_run:  # a smoke test exercises the sampling path, not its cost
+            num_samples, kwargs["steps"] = min(num_samples, 4), 2
+        share = -(-num_samples // world)  # equal shares keep all_gather shapes equal; extras are dropped
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + rank)
-        images = pl_module.sample(share, generator=generator, **self._kwargs(pl_module))
+        images = pl_module.sample(share, generator=generator, **kwargs)
         if world > 1:
             images = pl_module.all_gather(images).flatten(0, 1)
         if trainer.is_global_zero:
-            grid = make_grid(images[: self.num_samples].float())
+            grid = make_grid(images[:num_samples].float())
             path = save_image_atomic(grid, Path(trainer.default_root_dir) / "samples" / f"step_{step:07d}.png")
             self.last_grid_path = path
             for logger in trainer.loggers:

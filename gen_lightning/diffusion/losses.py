@@ -65,7 +65,7 @@ class DiffusionLoss:
         # At least float32 for the reduction so bf16 autocast outputs do not lose the small squared errors.
         dtype = torch.promote_types(x0.dtype, torch.float32)
         err = (model(x_t, t).to(dtype) - target.to(dtype)).pow(2).reshape(x0.shape[0], -1).mean(dim=1)
-        return err
+        return self.weight(t, dtype) * err
 
     def __call__(
         self,
