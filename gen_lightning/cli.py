@@ -88,7 +88,7 @@ def run_lightning_cli(args: Sequence[str]) -> None:
                     Path(root).mkdir(parents=True, exist_ok=True)
 
     default_wandb_mode()
-    GenLightningCLI(
+    cli = GenLightningCLI(
         model_class=GenerativeModule,
         subclass_mode_model=True,
         datamodule_class=ShardDataModule,
@@ -96,6 +96,17 @@ def run_lightning_cli(args: Sequence[str]) -> None:
         args=list(args),
         auto_configure_optimizers=False,
     )
+    finish_wandb(cli.trainer)
+
+
+def finish_wandb(trainer) -> None:
+    """Close the W&B run when the command ends, so its files are complete when `gen-lightning fit` returns (and when
+    it is called in-process, e.g. from a notebook or a test), not only at interpreter exit."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 # --- shards -----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""Framework overhead: `gen-lightning fit` step time vs a bare PyTorch loop on the same UNet, data and optimizer, and
+the ShardDataModule's decode rate vs what the training step consumes.
+
+    .venv/bin/python -m bench.overhead [--steps 60] [--repeats 2] [--data data/emoji]
+
+Both sides use the config's UNet, the same ShardDataModule loader (2 workers), fused AdamW with the same warm-up
+schedule, gradient clipping at 1.0 and an EMA update per step. Step time = wall time between consecutive ends of a
+training step (so data waiting counts), median over the steps after a warm-up. Runs alternate bare / Lightning
+`--repeats` times so drift of a shared machine hits both. Prints ratios; not a test (no thresholds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ddpm_emoji.yaml"
+WARMUP = 10
+
+
+class StepTimer(L.Callback):
+    """Records the time between consecutive training-step ends (added to the CLI run by class path)."""
+
+    times: list[float] = []  # class-level: the CLI builds the instance, the bench reads the result
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+    def on_train_batch_end(self, *args) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            StepTimer.times.append(now - self.last)
+        self.last = now
+
+
+def model_kwargs() -> dict:
+    return yaml.safe_load(CONFIG.read_text())["model"]["init_args"]
+
+
+def bare_loop(data_dir: str, steps: int, batch_size: int) -> list[float]:
+    """What a user would write by hand: the same pieces, no framework."""
+    from gen_lightning.data.datamodule import ShardDataModule
+    from gen_lightning.diffusion import DiffusionLoss, NoiseSchedule
+    from gen_lightning.nn.ema import EMA
+    from gen_lightning.nn.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    kw = model_kwargs()
+    unet = UNet(UNetConfig.coerce(kw["unet"]))
+    channels_last = kw.get("channels_last", False)
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    ema = EMA(unet, max_decay=kw["ema_max_decay"])
+    schedule = NoiseSchedule.from_name(kw["schedule"])
+    loss_fn = DiffusionLoss(schedule, kw["prediction_type"], kw["loss_weighting"])
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=kw["lr"], fused=True)
+    warmup = kw["warmup_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    data = ShardDataModule(train=data_dir, image_size=32, batch_size=batch_size, num_workers=2)
+    data.setup("fit")
+    times, last = [], None
+    loader = iter(data.train_dataloader())
+    for _ in range(steps):
+        try:
+            batch = next(loader)
+        except StopIteration:
+            loader = iter(data.train_dataloader())
+            batch = next(loader)
+        images = batch["image"]
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(unet, images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        ema.update(unet)
+        loss.item()  # the framework logs the loss, which syncs; so does this
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last = now
+    return times
+
+
+def lightning_fit(data_dir: str, steps: int, batch_size: int, root: str) -> list[float]:
+    from gen_lightning.cli import main
+
+    StepTimer.times = []
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.max_steps={steps}",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+            f"--data.train={data_dir}",
+            "--data.val=null",
+            f"--data.batch_size={batch_size}",
+            # the grid callback is part of the demo, not of a training step
+            "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.LearningRateMonitor}, "
+            "{class_path: bench.overhead.StepTimer}]",
+        ]
+    )
+    return list(StepTimer.times)
+
+
+def data_rate(data_dir: str, batch_size: int, batches: int = 60) -> float:
+    """Samples/s decoded by ONE worker process."""
+    from gen_lightning.data.datamodule import ShardDataModule
+
+    data = ShardDataModule(train=data_dir, image_size=32, batch_size=batch_size, num_workers=1)
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    next(loader)  # worker start-up
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/emoji")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    bare, framework = [], []
+    for i in range(args.repeats):
+        bare.append(statistics.median(bare_loop(args.data, args.steps, args.batch_size)[WARMUP:]))
+        framework.append(
+            statistics.median(
+                lightning_fit(args.data, args.steps, args.batch_size, f"/tmp/bench_overhead_{i}")[WARMUP:]
+            )
+        )
+        print(f"repeat {i}: bare {bare[-1]:.4f} s/step, gen-lightning fit {framework[-1]:.4f} s/step")
+    step = statistics.median(bare)
+    ratio = statistics.median(framework) / step
+    per_worker = data_rate(args.data, args.batch_size)
+    consumption = args.batch_size / step
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
+    print(f"step time ratio gen-lightning fit / bare loop: {ratio:.3f}  (goal <= 1.03)")
+    print(
+        f"data: {per_worker:.0f} samples/s per worker vs {consumption:.0f} samples/s consumed by training: "
+        f"{per_worker / consumption:.1f}x  (goal >= 5x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
