@@ -12,11 +12,13 @@ training step (so data waiting counts), median over the steps after a warm-up. R
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -29,7 +31,7 @@ WARMUP = 10
 class StepTimer(L.Callback):
     """Records the time between consecutive training-step ends (added to the CLI run by class path)."""
 
-    times: list[float] = []  # class-level: the CLI builds the instance, the bench reads the result
+    times: ClassVar[list[float]] = []  # class-level: the CLI builds the instance, the bench reads the result
 
     def __init__(self) -> None:
         self.last: float | None = None
@@ -95,7 +97,9 @@ def bare_loop(data_dir: str, steps: int, batch_size: int) -> list[float]:
 def lightning_fit(data_dir: str, steps: int, batch_size: int, root: str) -> list[float]:
     from gen_lightning.cli import main
 
-    StepTimer.times = []
+    # The CLI imports this file as `bench.overhead`, a different module object than `__main__`: use that one's class.
+    timer = importlib.import_module("bench.overhead").StepTimer
+    timer.times = []
     main(
         [
             "fit",
@@ -113,7 +117,7 @@ def lightning_fit(data_dir: str, steps: int, batch_size: int, root: str) -> list
             "{class_path: bench.overhead.StepTimer}]",
         ]
     )
-    return list(StepTimer.times)
+    return list(timer.times)
 
 
 def data_rate(data_dir: str, batch_size: int, batches: int = 60) -> float:

@@ -93,7 +93,8 @@ def run_lightning_cli(args: Sequence[str]) -> None:
         subclass_mode_model=True,
         datamodule_class=ShardDataModule,
         save_config_kwargs={"overwrite": True},
-        args=list(args),
+        # None = read sys.argv (as a console script); a list only when called from Python, or Lightning warns.
+        args=None if list(args) == sys.argv[1:] else list(args),
         auto_configure_optimizers=False,
     )
     finish_wandb(cli.trainer)

@@ -36,6 +36,7 @@ def val_keys_of(shards: Path) -> list[str]:
     return keys
 
 
+@pytest.mark.slow
 def test_two_ranks_two_workers_see_each_val_sample_once_and_equal_train_batches(toy_shards, tmp_path):
     subprocess.run(
         [sys.executable, str(REPO / "tests" / "dist_data_probe.py"), str(toy_shards), str(tmp_path), str(free_port())],

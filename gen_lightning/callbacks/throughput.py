@@ -11,7 +11,7 @@ import torch
 
 class DataThroughput(L.Callback):
     """Logs `train/samples_per_sec` (this rank, wall clock between batch ends, smoothed) and `data/skipped_samples`
-    (running total over all ranks and workers; each batch carries the number its worker skipped since its last batch)."""
+    (running total over all ranks and workers; each batch carries the count its worker skipped since its last batch)."""
 
     def __init__(self, smoothing: float = 0.9) -> None:
         self.smoothing = smoothing

@@ -56,6 +56,7 @@ def load_model(path: str | Path, expected: type[GenerativeModule] | None = None)
     missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"checkpoint {str(path)!r} does not match {cls.__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.eval()

@@ -16,7 +16,7 @@ from gen_lightning.nn.layers import Downsample, ResBlock, SpatialAttention, Upsa
 
 @dataclass
 class UNetConfig:
-    """Shape of the UNet. `channels[i]` is the width at level i (level 0 = full resolution, each next level halves H, W).
+    """Shape of the UNet. `channels[i]` is the width at level i (level 0: full resolution; each level halves H, W).
 
     attention_levels: indices of the levels that get self-attention (and cross-attention when context_dim is set);
     the middle block always has attention. cond_dim: width of an extra per-sample embedding added to the time
