@@ -141,3 +141,13 @@ def test_image_modes_are_converted_to_rgb_on_white():
     palette.putpalette([0, 0, 255] + [0] * 765)
     out = transform(palette, rng)
     assert out[2].min() > 0.99 and out[0].max() < -0.99
+
+
+def test_pipe_urls_stream_through_a_command(toy_shards):
+    """`pipe:` URLs (how users stream from S3/GCS CLIs) are brace-expanded and read like local shards."""
+    count = len(read_manifest(toy_shards)["splits"]["val"]["shards"])
+    pattern = f"pipe:cat {toy_shards}/val-{{000000..{count - 1:06d}}}.tar"
+    data = ShardDataModule(val=pattern, image_size=16, batch_size=8, num_workers=0)
+    data.setup("validate")
+    keys = [key for batch in data.val_dataloader() for key in batch["__key__"]]
+    assert sorted(keys) == sorted(val_keys_of(toy_shards))

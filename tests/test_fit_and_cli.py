@@ -4,6 +4,7 @@ files, sampling from the checkpoint, and a real 2-process DDP (gloo) fit."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,24 @@ def test_sample_cli_writes_grid(tiny_run, tmp_path, capsys):
         pixels = torch.from_numpy(np.asarray(grid.convert("L"), dtype=np.float32))
     assert pixels.std() > 1.0  # not a blank image
     assert "wrote" in capsys.readouterr().out
+
+
+def test_validate_subcommand_on_the_checkpoint(tiny_run, toy_shards, tmp_path, capsys):
+    ckpt = tiny_run / "checkpoints" / "last.ckpt"
+    main(
+        [
+            "validate",
+            *tiny_fit_args(toy_shards, tmp_path),
+            f"--ckpt_path={ckpt}",
+            "--trainer.limit_val_batches=2",
+            "--trainer.logger=false",
+        ]
+    )
+    printed = capsys.readouterr().out
+    match = re.search(r"val/loss\W+([0-9][0-9.eE+-]*)", printed)  # Lightning's results table
+    assert match, printed
+    value = float(match.group(1))
+    assert 0.0 < value < 10.0
 
 
 def test_load_model_rejects_foreign_and_truncated_checkpoints(tiny_run, tmp_path):
