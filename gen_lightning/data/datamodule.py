@@ -1,0 +1,219 @@
+"""ShardDataModule: the one DataModule every model family uses. Streams webdataset shards into dict batches.
+
+Training: shards are resampled with replacement (every rank and worker draws its own infinite stream, seeded by rank,
+worker and epoch) and an epoch is an explicit number of samples, so every rank yields exactly the same number of
+batches. A finite, split stream gives ranks unequal counts whenever shards don't divide evenly, and DDP then hangs
+at the first collective of the rank that still has data.
+
+Validation: the val shards are split by node, then by worker, so each val sample is seen exactly once across all
+ranks. That needs at least ranks × workers shards, which is checked up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from gen_lightning.data.decode import ImageTransform, count_and_continue, decode_and_batch
+from gen_lightning.data.urls import ShardPatternError, expand_pattern, split_urls
+
+log = logging.getLogger(__name__)
+
+
+def _worker_index() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class TrainStream(IterableDataset):
+    """Infinite resampled shard stream cut into epochs of exactly `batches_per_worker` batches per worker."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        transform: ImageTransform,
+        batch_size: int,
+        batches_per_worker: int,
+        num_workers: int,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int,
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.transform = transform
+        self.batch_size = batch_size
+        self.batches_per_worker = batches_per_worker
+        self.num_workers = max(1, num_workers)
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0  # advances inside each (persistent) worker; a fresh worker would otherwise replay epoch 0
+
+    def __len__(self) -> int:
+        return self.batches_per_worker * self.num_workers
+
+    def _stream_seed(self) -> int:
+        worker, _ = _worker_index()
+        return hash((self.seed, self.rank, worker, self.epoch)) & 0x7FFFFFFF
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream_seed = self._stream_seed()
+        self.epoch += 1
+        rng = random.Random(stream_seed)
+        shard_rng = random.Random(rng.getrandbits(32))
+
+        def resampled_shards() -> Iterator[dict[str, str]]:
+            while True:
+                yield {"url": shard_rng.choice(self.urls)}
+
+        samples = wds.tarfile_to_samples(handler=count_and_continue)(resampled_shards())
+        if self.shuffle_buffer > 1:
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+        batches = decode_and_batch(samples, self.transform, self.batch_size, rng, partial=False)
+        for _, batch in zip(range(self.batches_per_worker), batches, strict=False):
+            yield batch
+
+
+class ValStream(IterableDataset):
+    """Each val sample exactly once across ranks × workers: shards split by rank, then by worker; last batch partial.
+
+    The rank split is done here from the rank the DataModule was given, not by webdataset's split_by_node: that one
+    asks torch.distributed or $RANK from inside the worker process, where neither is reliably set.
+    """
+
+    def __init__(self, urls: list[str], transform: ImageTransform, batch_size: int, rank: int, world: int) -> None:
+        super().__init__()
+        self.urls = urls[rank::world]
+        self.transform = transform
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker_index()
+        shards = ({"url": url} for url in self.urls[worker::num_workers])
+        samples = wds.tarfile_to_samples(handler=count_and_continue)(shards)
+        yield from decode_and_batch(samples, self.transform, self.batch_size, random.Random(0), partial=True)
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Webdataset shards -> batches {"image": float [-1,1] NCHW, "caption": list[str], "__key__": list[str], "skipped"}.
+
+    Args:
+        train: URL pattern of training shards (`dir/train-{000000..000052}.tar`, `https://...`, `pipe:cmd`), or a
+            folder / manifest.json written by `gen-lightning shards` (its train split is used).
+        val: the same for validation (a folder/manifest uses its val split); None disables validation data.
+        image_size: output H = W after resize of the shorter side and crop.
+        batch_size: per-rank batch size.
+        samples_per_epoch: training samples per epoch over all ranks; None takes the manifest's train count.
+        num_workers: DataLoader worker processes per rank.
+        shuffle_buffer: samples held for shuffling in each worker (0 or 1 disables).
+        random_crop / random_flip: augmentations for training (val always center-crops, never flips).
+        seed: base seed of shard resampling and shuffling.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        image_size: int = 32,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        samples_per_epoch: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train = train
+        self.val = val
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.samples_per_epoch = samples_per_epoch
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.train_urls: list[str] = []
+        self.val_urls: list[str] = []
+
+    def _distributed(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train and stage in (None, "fit"):
+            self.train_urls = expand_pattern(split_urls(self.train, "train"))
+            if self.samples_per_epoch is None:
+                self.samples_per_epoch = self._manifest_count(self.train, "train")
+        if self.val:
+            self.val_urls = expand_pattern(split_urls(self.val, "val"))
+            _, world = self._distributed()
+            readers = world * max(1, self.num_workers)
+            if len(self.val_urls) < readers:
+                raise ShardPatternError(
+                    f"val shards {self.val!r}: {len(self.val_urls)} shard(s) for {world} rank(s) × "
+                    f"{max(1, self.num_workers)} worker(s) = {readers} readers; each reader needs at least one shard "
+                    "so every val sample is seen exactly once. Write smaller shards (--samples-per-shard) or lower "
+                    "data.num_workers."
+                )
+
+    @staticmethod
+    def _manifest_count(source: str, split: str) -> int:
+        if split_urls(source, split) == source:
+            raise ValueError(f"data.samples_per_epoch is required when data.train is a URL pattern ({source!r})")
+        from pathlib import Path
+
+        from gen_lightning.data.shard_writer import read_manifest
+
+        return int(read_manifest(Path(source))["splits"][split]["num_samples"])
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.train_urls:
+            raise ValueError("data.train is not set (or setup('fit') was not run): no training shards")
+        rank, world = self._distributed()
+        workers = max(1, self.num_workers)
+        batches_per_rank = max(1, self.samples_per_epoch // (world * self.batch_size))
+        stream = TrainStream(
+            self.train_urls,
+            ImageTransform(self.image_size, self.random_crop, self.random_flip),
+            self.batch_size,
+            batches_per_worker=math.ceil(batches_per_rank / workers),
+            num_workers=workers,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            rank=rank,
+        )
+        return self._loader(stream)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_urls:
+            return []
+        rank, world = self._distributed()
+        return self._loader(ValStream(self.val_urls, ImageTransform(self.image_size), self.val_batch_size, rank, world))
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )

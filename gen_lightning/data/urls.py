@@ -1,0 +1,46 @@
+"""Resolve shard URL patterns (brace expansion; local paths, http(s)://, pipe:) and fail early when they match nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import braceexpand
+
+REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://")
+
+
+class ShardPatternError(ValueError):
+    """A shard pattern that cannot be used; the message names the pattern and what is wrong."""
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Expand `a-{000..009}.tar` (and `::`-separated lists, as webdataset does) and check local shards exist.
+
+    Remote and `pipe:` URLs cannot be checked without opening them, so they are returned as given.
+    """
+    if not pattern or not pattern.strip():
+        raise ShardPatternError("empty shard pattern")
+    urls = [url for part in pattern.split("::") for url in braceexpand.braceexpand(part.strip())]
+    local = [url.removeprefix("file:") for url in urls if not url.startswith(REMOTE_PREFIXES)]
+    missing = [url for url in local if not os.path.isfile(url)]
+    if local and len(missing) == len(local):
+        raise ShardPatternError(f"shard pattern {pattern!r} matches no file (first expanded: {urls[0]!r})")
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ShardPatternError(f"shard pattern {pattern!r}: {len(missing)} of {len(urls)} shards missing: {shown}")
+    unreadable = [url for url in local if not os.access(url, os.R_OK)]
+    if unreadable:
+        raise ShardPatternError(f"shard pattern {pattern!r}: cannot read {unreadable[0]!r} (permissions)")
+    return urls
+
+
+def split_urls(source: str, split: str) -> str:
+    """`source` is a URL pattern, or a shard folder / manifest.json written by `gen-lightning shards`, whose `split`
+    ("train" / "val") pattern is returned."""
+    path = Path(source)
+    if path.is_dir() or path.name == "manifest.json":
+        from gen_lightning.data.shard_writer import shard_pattern
+
+        return shard_pattern(path if path.is_dir() else path.parent, split)
+    return source
