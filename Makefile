@@ -36,7 +36,7 @@ demo: setup $(DATA)/manifest.json
 		--out $(RUN)/samples.png
 	@echo "sample grid: $(RUN)/samples.png   W&B offline run: $(RUN)/wandb/"
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q -ra
 
 lint: setup

@@ -35,7 +35,8 @@ def record_skip(reason: str, where: str) -> None:
     _skipped[reason] += 1
     if _warned < MAX_WARNINGS_PER_PROCESS:
         _warned += 1
-        log.warning("skipping sample %s: %s%s", where, reason, " (further warnings suppressed)" if _warned == MAX_WARNINGS_PER_PROCESS else "")
+        suffix = " (further warnings suppressed)" if _warned == MAX_WARNINGS_PER_PROCESS else ""
+        log.warning("skipping sample %s: %s%s", where, reason, suffix)
 
 
 def drain_skipped() -> int:
@@ -83,7 +84,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Resize the shorter side to `size`, crop to size×size (center or random), optionally flip; -> float [-1, 1] CHW."""
+    """Resize the shorter side to `size`, crop size×size (center or random), maybe flip; -> float [-1, 1] CHW."""
 
     size: int
     random_crop: bool = False

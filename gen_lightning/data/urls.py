@@ -1,4 +1,4 @@
-"""Resolve shard URL patterns (brace expansion; local paths, http(s)://, pipe:) and fail early when they match nothing."""
+"""Resolve shard URL patterns (brace expansion; local paths, http(s)://, pipe:); fail early when they match nothing."""
 
 from __future__ import annotations
 
