@@ -78,3 +78,13 @@ def test_netrc_login_counts_as_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("NETRC", str(netrc_file))
     default_wandb_mode()
     assert "WANDB_MODE" not in os.environ
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs/ddpm_emoji.yaml"), "--trainer.max_steps=7", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "max_steps: 7" in printed
+    assert "class_path: gen_lightning.models.DiffusionModel" in printed
+    assert "prediction_type: v" in printed

@@ -151,3 +151,34 @@ def test_pipe_urls_stream_through_a_command(toy_shards):
     data.setup("validate")
     keys = [key for batch in data.val_dataloader() for key in batch["__key__"]]
     assert sorted(keys) == sorted(val_keys_of(toy_shards))
+
+
+def test_img2dataset_layout_is_read_as_is(tmp_path):
+    """img2dataset writes `{key}.jpg` / `.txt` / `.json` members (and sometimes webp); read them without conversion."""
+    import json as json_module
+
+    from PIL import Image as PILImage
+
+    def encoded(fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        PILImage.new("RGB", (40, 30), (10, 200, 30)).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    members = []
+    for i, fmt in enumerate(["JPEG", "WEBP", "PNG"]):
+        key = f"{i:09d}"
+        ext = {"JPEG": "jpg", "WEBP": "webp", "PNG": "png"}[fmt]
+        meta = {"url": f"https://example.com/{i}", "width": 40, "height": 30}
+        members += [
+            (f"{key}.{ext}", encoded(fmt)),
+            (f"{key}.txt", f"a green image {i}".encode()),
+            (f"{key}.json", json_module.dumps(meta).encode()),
+        ]
+    write_tar(tmp_path / "00000.tar", members)
+    data = ShardDataModule(val=str(tmp_path / "00000.tar"), image_size=16, batch_size=8, num_workers=0)
+    data.setup("validate")
+    (batch,) = list(data.val_dataloader())
+    assert batch["caption"] == ["a green image 0", "a green image 1", "a green image 2"]
+    assert batch["image"].shape == (3, 3, 16, 16)
+    green = batch["image"][:, 1].mean()
+    assert green > 0.4 and batch["image"][:, 0].mean() < -0.8  # the pixels are the green we wrote, not white/black
