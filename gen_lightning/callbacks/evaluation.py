@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from gen_lightning.callbacks.periodic import PeriodicSampling
 from gen_lightning.metrics.generative import GenerativeMetrics
 from gen_lightning.metrics.inception import FIDInceptionV3
 
@@ -72,7 +73,7 @@ def fill_reference(
     return False
 
 
-class GenerativeEvaluation(L.Callback):
+class GenerativeEvaluation(PeriodicSampling):
     """Every `every_n_steps` optimizer steps (and at the end of training), every rank generates its share of
     `num_samples`, the FID Inception embeds them, torchmetrics sums the states over ranks, and `val/fid`, `val/kid`
     are logged. The validation shards' reference statistics are computed once (each rank its share of the val
@@ -82,7 +83,8 @@ class GenerativeEvaluation(L.Callback):
         every_n_steps: 0 = only at the end of training.
         num_samples: generated images per evaluation over all ranks (FID is biased upwards for small N: compare
             runs at the same N).
-        sampler / steps / guidance: sampling settings (None: the model's defaults).
+        sampler / steps / guidance / seed: sampling settings (None: the model's defaults), see PeriodicSampling.
+        batch_size: images generated at once.
         max_real: cap on reference images (None: the whole val split).
         kid: also compute KID (keeps up to 10,000 feature vectors per side).
         cache_dir: reference cache folder (default $GEN_LIGHTNING_CACHE/fid_reference or ~/.cache/gen_lightning/...).
@@ -103,34 +105,19 @@ class GenerativeEvaluation(L.Callback):
         weights: str | None = None,
         seed: int = 0,
     ) -> None:
-        self.every_n_steps = every_n_steps
-        self.num_samples = num_samples
-        self.sampler = sampler
-        self.steps = steps
-        self.guidance = guidance
+        super().__init__(every_n_steps, num_samples, sampler, steps, guidance, seed)
         self.batch_size = batch_size
         self.max_real = max_real
         self.kid = kid
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.weights = weights
-        self.seed = seed
         self.metrics: GenerativeMetrics | None = None
         self.last_results: dict[str, float] = {}
-        self._last_step = -1
         self._reference_ready = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.metrics is None:
             self.metrics = GenerativeMetrics(FIDInceptionV3(self.weights), kid=self.kid).to(pl_module.device)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module)
 
     def _ensure_reference(self, trainer: L.Trainer) -> None:
         if self._reference_ready:
@@ -144,21 +131,13 @@ class GenerativeEvaluation(L.Callback):
         self._reference_ready = True
 
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        self._last_step = trainer.global_step
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         self._ensure_reference(trainer)
-        share = -(-self.num_samples // trainer.world_size)
-        if trainer.fast_dev_run:  # a smoke test checks the path, not the number
-            share = 2
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
-        kwargs: dict[str, Any] = {"steps": self.steps, "sampler": self.sampler}
-        if self.guidance != 1.0:
-            kwargs["guidance"] = self.guidance
-        done = 0
-        while done < share:
-            count = min(self.batch_size, share - done)
-            self.metrics.update(pl_module.sample(count, generator=generator, **kwargs), real=False)
-            done += count
+        share = 2 if trainer.fast_dev_run else self.share(trainer)  # a smoke test checks the path, not the number
+        generator = self.generator(trainer, pl_module)
+        for start in range(0, share, self.batch_size):
+            count = min(self.batch_size, share - start)
+            self.metrics.update(self.draw(trainer, pl_module, count, generator), real=False)
         results = self.metrics.compute()  # states summed over ranks: the same value on every rank
         self.metrics.reset()
         self.last_results = results

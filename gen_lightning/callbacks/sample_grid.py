@@ -1,26 +1,19 @@
-"""Log a grid of samples every N optimizer steps (and at the end of training) through the Trainer's logger."""
+"""Log a grid of samples every N optimizer steps (and at the end of training) through the Trainer's loggers."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning as L
-import torch
 
+from gen_lightning.callbacks.periodic import PeriodicSampling
 from gen_lightning.images import make_grid, save_image_atomic
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(PeriodicSampling):
     """Every rank draws its share of `num_samples` with a fixed seed (so grids are comparable across steps and no rank
     idles at a collective), rank 0 gathers them, writes `<root>/samples/step_XXXXXXX.png` and logs `samples/grid`.
-
-    Args:
-        every_n_steps: optimizer steps between grids; 0 logs only at the end of training.
-        num_samples: images per grid (over all ranks).
-        steps / sampler: sampling settings (None: the model's defaults).
-        seed: base seed; each rank offsets it by its rank.
-    """
+    Arguments: see PeriodicSampling."""
 
     def __init__(
         self,
@@ -31,40 +24,15 @@ class SampleGrid(L.Callback):
         guidance: float = 1.0,
         seed: int = 0,
     ) -> None:
-        self.every_n_steps = every_n_steps
-        self.num_samples = num_samples
-        self.steps = steps
-        self.sampler = sampler
-        self.guidance = guidance
-        self.seed = seed
-        self._last_logged_step = -1
+        super().__init__(every_n_steps, num_samples, sampler, steps, guidance, seed)
         self.last_grid_path: Path | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_logged_step:
-            self.log_grid(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_logged_step:
-            self.log_grid(trainer, pl_module)
-
-    def _kwargs(self, pl_module: L.LightningModule) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"steps": self.steps, "sampler": self.sampler}
-        if self.guidance != 1.0:
-            kwargs["guidance"] = self.guidance
-        return kwargs
-
-    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_logged_step = step = trainer.global_step
-        world, rank = trainer.world_size, trainer.global_rank
-        num_samples, kwargs = self.num_samples, self._kwargs(pl_module)
-        if trainer.fast_dev_run:  # a smoke test exercises the sampling path, not its cost
-            num_samples, kwargs["steps"] = min(num_samples, 4), 2
-        share = -(-num_samples // world)  # equal shares keep all_gather shapes equal; extras are dropped
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + rank)
-        images = pl_module.sample(share, generator=generator, **kwargs)
-        if world > 1:
+        num_samples = min(self.num_samples, 4) if trainer.fast_dev_run else self.num_samples
+        share = -(-num_samples // trainer.world_size)
+        images = self.draw(trainer, pl_module, share, self.generator(trainer, pl_module))
+        if trainer.world_size > 1:
             images = pl_module.all_gather(images).flatten(0, 1)
         if trainer.is_global_zero:
             grid = make_grid(images[:num_samples].float())
