@@ -51,9 +51,9 @@ class PeriodicSampling(L.Callback):
             self._last_step = trainer.global_step
             self.run(trainer, pl_module)
 
-    def share(self, trainer: L.Trainer) -> int:
+    def share(self, trainer: L.Trainer, num_samples: int | None = None) -> int:
         """This rank's number of samples; equal on all ranks (keeps all_gather shapes equal; extras are dropped)."""
-        return -(-self.num_samples // trainer.world_size)
+        return -(-(num_samples or self.num_samples) // trainer.world_size)
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, count: int, generator: torch.Generator):
         kwargs: dict[str, Any] = {"steps": self.steps, "sampler": self.sampler}

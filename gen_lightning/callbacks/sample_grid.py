@@ -30,8 +30,7 @@ class SampleGrid(PeriodicSampling):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         num_samples = min(self.num_samples, 4) if trainer.fast_dev_run else self.num_samples
-        share = -(-num_samples // trainer.world_size)
-        images = self.draw(trainer, pl_module, share, self.generator(trainer, pl_module))
+        images = self.draw(trainer, pl_module, self.share(trainer, num_samples), self.generator(trainer, pl_module))
         if trainer.world_size > 1:
             images = pl_module.all_gather(images).flatten(0, 1)
         if trainer.is_global_zero:

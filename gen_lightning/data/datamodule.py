@@ -15,6 +15,7 @@ import logging
 import math
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -178,8 +179,6 @@ class ShardDataModule(L.LightningDataModule):
     def _manifest_count(source: str, split: str) -> int:
         if split_urls(source, split) == source:
             raise ValueError(f"data.samples_per_epoch is required when data.train is a URL pattern ({source!r})")
-        from pathlib import Path
-
         from gen_lightning.data.shard_writer import read_manifest
 
         return int(read_manifest(Path(source))["splits"][split]["num_samples"])

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from gen_lightning.images import pil_to_tensor
+
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -106,8 +108,7 @@ class ImageTransform:
         image = image.crop((left, top, left + self.size, top + self.size))
         if self.random_flip and rng.random() < 0.5:
             image = ImageOps.mirror(image)
-        array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        return pil_to_tensor(image)
 
 
 def decode_sample(raw: dict[str, Any], transform: ImageTransform, rng: random.Random) -> dict[str, Any]:
