@@ -54,12 +54,12 @@ def test_long_captions_are_truncated_explicitly_and_warned_once(caplog):
     encoder = ByteCLIP()
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     metric = CLIPScore(encoder)
-    with caplog.at_level(logging.WARNING, logger="gen_lightning.metrics.clip_score"):
+    with caplog.at_level(logging.WARNING, logger="gen_lightning"):
         metric.update(images, ["woman pilot medium-dark skin tone", "red"])
         metric.update(images, ["another caption far over eight bytes", "blue"])
     warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
     assert len(warnings) == 1 and "8-token context" in warnings[0].getMessage()
-    assert metric.num_truncated == 2
+    assert metric.truncation.count == 2
     # the long caption is scored exactly as its first 8 bytes: truncation, not something else
     alone, truncated = CLIPScore(encoder), CLIPScore(encoder)
     alone.update(images[:1], ["woman pilot medium-dark skin tone"])

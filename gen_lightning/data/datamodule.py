@@ -105,7 +105,8 @@ class ValStream(IterableDataset):
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Webdataset shards -> batches {"image": float [-1,1] NCHW, "caption": list[str], "__key__": list[str], "skipped"}.
+    """Webdataset shards -> batches {"image": float [-1,1] NCHW, "caption": list[str], "meta": list[dict] (each
+    sample's json member), "__key__": list[str], "skipped": int}.
 
     Args:
         train: URL pattern of training shards (`dir/train-{000000..000052}.tar`, `https://...`, `pipe:cmd`), or a

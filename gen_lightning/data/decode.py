@@ -8,6 +8,7 @@ the previous batch of that worker (`batch["skipped"]`), so the main process can 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 import re
@@ -128,13 +129,28 @@ def decode_sample(raw: dict[str, Any], transform: ImageTransform, rng: random.Ra
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"txt caption is not UTF-8 ({err})") from err
-    return {"image": tensor, "caption": caption.strip(), "__key__": raw.get("__key__", "")}
+    return {"image": tensor, "caption": caption.strip(), "meta": _metadata(raw), "__key__": raw.get("__key__", "")}
+
+
+def _metadata(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sample's `json` member (emoji group/subgroup, source info) as a dict; {} when there is none."""
+    data = raw.get("json")
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data) if isinstance(data, bytes | str) else data
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"json member is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"json member is a {type(meta).__name__}, expected an object")
+    return meta
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
+        "meta": [s["meta"] for s in samples],
         "__key__": [s["__key__"] for s in samples],
         "skipped": drain_skipped(),
     }

@@ -8,14 +8,13 @@ silently different caption: long captions otherwise lose their tail without anyo
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-log = logging.getLogger(__name__)
+from gen_lightning.nn.text import TruncationCounter
 
 
 @runtime_checkable
@@ -50,26 +49,13 @@ class CLIPScore(Metric):
         self.__dict__["encoder"] = encoder  # not a state and not a submodule: never synced nor checkpointed
         self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("num_pairs", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.num_truncated = 0
-        self._warned = False
+        self.truncation = TruncationCounter("CLIP score")
 
     def update(self, images: torch.Tensor, captions: list[str]) -> None:
         if len(captions) != images.shape[0]:
             raise ValueError(f"CLIPScore got {images.shape[0]} images but {len(captions)} captions")
         tokens, lengths = self.encoder.tokenize(list(captions))
-        over = lengths > self.encoder.context_length
-        if over.any():
-            self.num_truncated += int(over.sum())
-            if not self._warned:
-                self._warned = True
-                example = captions[int(over.nonzero()[0])]
-                log.warning(
-                    "CLIP score: %d caption(s) longer than the text encoder's %d-token context were truncated "
-                    "(e.g. %r); warned once per run",
-                    int(over.sum()),
-                    self.encoder.context_length,
-                    example[:120],
-                )
+        self.truncation.update(list(captions), lengths, self.encoder.context_length)
         with torch.no_grad():
             image_features = F.normalize(self.encoder.encode_image(images).float(), dim=-1)
             text_features = F.normalize(self.encoder.encode_text(tokens.to(images.device)).float(), dim=-1)

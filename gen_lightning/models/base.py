@@ -53,6 +53,11 @@ class GenerativeModule(L.LightningModule):
             decay = ema.update(model)
             self.log("train/ema_decay", decay, on_step=True, on_epoch=False)
 
+    def sample(self, n: int, cond: Any = None, steps: int | None = None, guidance: float = 1.0, **kwargs: Any):
+        """n images in [-1, 1], NCHW: the one generation interface (CLI, callbacks, tests). Models that do not
+        generate (CLIP) keep this error."""
+        raise TypeError(f"{type(self).__name__} does not generate images (it has no sample())")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
         checkpoint["gen_lightning"] = {

@@ -3,7 +3,7 @@ levels, and optional cross-attention to a context sequence (text tokens) for lat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gen_lightning.nn.config import NetConfig
 from gen_lightning.nn.layers import Downsample, ResBlock, SpatialAttention, Upsample, group_norm, timestep_embedding
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(NetConfig):
     """Shape of the UNet. `channels[i]` is the width at level i (level 0: full resolution; each level halves H, W).
 
     attention_levels: indices of the levels that get self-attention (and cross-attention when context_dim is set);
@@ -33,22 +34,6 @@ class UNetConfig:
     context_dim: int | None = None
     cond_dim: int = 0
     gradient_checkpointing: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def coerce(cls, value: UNetConfig | dict[str, Any]) -> UNetConfig:
-        """Accept the dataclass (from the CLI) or a plain dict (from a weights-only checkpoint)."""
-        if isinstance(value, cls):
-            return value
-        try:
-            config = cls(**value)
-        except TypeError as err:
-            raise TypeError(f"bad unet config {value!r}: {err}") from err
-        config.channels = tuple(config.channels)
-        config.attention_levels = tuple(config.attention_levels)
-        return config
 
 
 class UNet(nn.Module):
