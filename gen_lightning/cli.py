@@ -149,7 +149,11 @@ def sample_main(args: Sequence[str]) -> None:
         prog="gen-lightning sample", description="Write a grid of samples from a checkpoint."
     )
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit`")
-    parser.add_argument("--n", type=int, default=64, help="number of images")
+    parser.add_argument("--n", type=int, default=None, help="number of images (with --prompt: per prompt, default 8)")
+    parser.add_argument(
+        "--prompt", action="append", default=None, help="text prompt (repeat for several; text-to-image models)"
+    )
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight (model default)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the model's")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic, 1 DDPM-like)")
@@ -166,17 +170,34 @@ def sample_main(args: Sequence[str]) -> None:
     from gen_lightning.models.loading import load_model
 
     model = load_model(ns.ckpt).to(ns.device)
+    conditional = getattr(model, "text_conditioned", False)
+    if ns.prompt and not conditional:
+        parser.error(f"--prompt: {ns.ckpt} holds a {type(model).__name__}, which is not text-conditioned")
+    per_prompt = ns.n or 8
+    # One row per prompt (prompt-major order); unconditional: a square-ish grid of n.
+    prompts = [p for p in ns.prompt for _ in range(per_prompt)] if ns.prompt else None
+    total = len(prompts) if prompts else (ns.n or 64)
+    kwargs = {} if ns.guidance is None else {"guidance": ns.guidance}
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
     chunks = []
-    for start in range(0, ns.n, ns.batch_size):
-        count = min(ns.batch_size, ns.n - start)
+    for start in range(0, total, ns.batch_size):
+        count = min(ns.batch_size, total - start)
+        if prompts:
+            kwargs["cond"] = prompts[start : start + count]
         chunks.append(
             model.sample(
-                count, steps=ns.steps, sampler=ns.sampler, eta=ns.eta, generator=generator, use_ema=not ns.no_ema
+                count,
+                steps=ns.steps,
+                sampler=ns.sampler,
+                eta=ns.eta,
+                generator=generator,
+                use_ema=not ns.no_ema,
+                **kwargs,
             )
         )
-    path = save_image_atomic(make_grid(torch.cat(chunks)), ns.out)
-    print(f"wrote {path} ({ns.n} samples)")
+    path = save_image_atomic(make_grid(torch.cat(chunks), nrow=per_prompt if prompts else None), ns.out)
+    rows = f"; rows: {', '.join(repr(p) for p in ns.prompt)}" if ns.prompt else ""
+    print(f"wrote {path} ({total} samples{rows})")
 
 
 def _cuda_available() -> bool:
@@ -199,7 +220,10 @@ def evaluate_main(args: Sequence[str]) -> None:
     parser.add_argument("--max-real", type=int, default=None, help="cap on reference images (default: all)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--guidance", type=float, default=None, help="CFG weight (default: the model's)")
+    parser.add_argument(
+        "--clip", default=None, help="CLIP for the CLIP score: gen_lightning CLIP checkpoint or local HF CLIP directory"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-kid", action="store_true")
@@ -214,7 +238,14 @@ def evaluate_main(args: Sequence[str]) -> None:
 
     import torch
 
-    from gen_lightning.callbacks.evaluation import default_cache_dir, fill_reference, reference_key
+    from gen_lightning.callbacks.evaluation import (
+        clip_score_for,
+        cycled,
+        default_cache_dir,
+        fill_reference,
+        reference_key,
+        val_captions,
+    )
     from gen_lightning.data.datamodule import ShardDataModule
     from gen_lightning.metrics.generative import GenerativeMetrics
     from gen_lightning.metrics.inception import FIDInceptionV3
@@ -229,20 +260,28 @@ def evaluate_main(args: Sequence[str]) -> None:
     key = reference_key(data.val_urls, extractor, image_size, ns.max_real)
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
     cached = fill_reference(metrics, data.val_dataloader(), key, cache_dir, rank=0, max_real=ns.max_real)
+    # Text-to-image models are prompted with the reference captions, so both sides describe the same things.
+    prompts = val_captions(data.val_dataloader()) if getattr(model, "text_conditioned", False) else None
+    clip_score = clip_score_for(model, ns.clip, "--clip")
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
-    kwargs = {"guidance": ns.guidance} if ns.guidance != 1.0 else {}
+    kwargs = {"guidance": ns.guidance} if ns.guidance is not None else {}
     for start in range(0, ns.num_samples, ns.batch_size):
         count = min(ns.batch_size, ns.num_samples - start)
+        if prompts:
+            kwargs["cond"] = cycled(prompts, start, count)
         images = model.sample(count, steps=ns.steps, sampler=ns.sampler, generator=generator, **kwargs)
         metrics.update(images, real=False)
+        if clip_score is not None:
+            clip_score.update(images, kwargs["cond"])
     report = {
         **metrics.compute(),
+        **({"clip_score": float(clip_score.compute()), "clip": ns.clip} if clip_score is not None else {}),
         "num_samples": ns.num_samples,
         "num_real": metrics.num_real,
         "reference_cached": cached,
         "sampler": ns.sampler or model.hparams.sampler,
         "steps": ns.steps or model.hparams.sample_steps,
-        "guidance": ns.guidance,
+        "guidance": ns.guidance if ns.guidance is not None else model.hparams.get("guidance", 1.0),
         "seed": ns.seed,
         "image_size": image_size,
         "checkpoint": str(ns.ckpt),

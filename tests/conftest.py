@@ -53,6 +53,34 @@ def toy_shards(tmp_path_factory) -> Path:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def save_checkpoint(model, path: Path) -> Path:
+    """The parts of a Lightning checkpoint that models.loading reads, without a Trainer (for a fast fixture)."""
+    import torch
+
+    cls = type(model)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "gen_lightning": {"class_path": f"{cls.__module__}.{cls.__qualname__}", "format": 1},
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_checkpoint(tmp_path_factory) -> Path:
+    """An untrained VAE (f=2, 4 latent channels) as a first stage for latent-diffusion tests."""
+    import torch
+
+    from gen_lightning.models.vae import VAEModel
+
+    torch.manual_seed(0)
+    vae = VAEModel(autoencoder={"channels": [8, 8], "latent_channels": 4, "num_heads": 1}, image_size=16)
+    return save_checkpoint(vae, tmp_path_factory.mktemp("vae") / "vae.ckpt")
+
+
 def tiny_fit_args(shards: Path, root: Path, *extra: str, config: str = "configs/ddpm_emoji.yaml") -> list[str]:
     """CLI arguments for a seconds-long fit of a tiny UNet on toy shards."""
     return [

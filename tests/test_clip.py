@@ -19,7 +19,7 @@ from gen_lightning.models.clip import CLIPModel, class_prompt, load_clip
 from gen_lightning.nn.contrastive import ClipLoss
 from gen_lightning.nn.text import EOT, PAD, SOT, ByteTokenizer, TextConfig, TextEncoder
 from gen_lightning.nn.vision import VisionConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, save_checkpoint
 from tests.test_datamodule import free_port
 from tests.wandb_reader import history
 
@@ -141,16 +141,7 @@ def test_clip_learns_a_batch_and_clamps_its_temperature():
 
 def test_checkpoint_serves_as_clip_score_encoder_and_text_tower(tmp_path, caplog):
     model = tiny_clip()
-    path = tmp_path / "clip.ckpt"
-    torch.save(
-        {
-            "state_dict": model.state_dict(),
-            "hyper_parameters": dict(model.hparams),
-            "gen_lightning": {"class_path": "gen_lightning.models.clip.CLIPModel", "format": 1},
-        },
-        path,
-    )
-    loaded = load_clip(path)
+    loaded = load_clip(save_checkpoint(model, tmp_path / "clip.ckpt"))
     assert isinstance(loaded, TextImageEncoder) and not any(p.requires_grad for p in loaded.parameters())
     images = torch.rand(3, 3, 32, 32) * 2 - 1  # another size than training: resized on encode
     captions = ["red circle", "blue square", "x" * 40]

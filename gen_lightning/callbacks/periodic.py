@@ -55,8 +55,18 @@ class PeriodicSampling(L.Callback):
         """This rank's number of samples; equal on all ranks (keeps all_gather shapes equal; extras are dropped)."""
         return -(-(num_samples or self.num_samples) // trainer.world_size)
 
-    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, count: int, generator: torch.Generator):
+    def draw(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        count: int,
+        generator: torch.Generator,
+        prompts: list[str] | None = None,
+    ):
+        """`count` images from the model's `sample()`; text-to-image models get `prompts` (None: their defaults)."""
         kwargs: dict[str, Any] = {"steps": self.steps, "sampler": self.sampler}
+        if prompts is not None:
+            kwargs["cond"] = prompts
         if self.guidance != 1.0:
             kwargs["guidance"] = self.guidance
         if trainer.fast_dev_run:  # a smoke test exercises the sampling path, not its cost

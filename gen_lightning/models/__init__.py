@@ -1,5 +1,7 @@
 from gen_lightning.models.base import GenerativeModule
 from gen_lightning.models.clip import CLIPModel
 from gen_lightning.models.diffusion import DiffusionModel
+from gen_lightning.models.latent_diffusion import LatentDiffusionModel
+from gen_lightning.models.vae import VAEModel
 
-__all__ = ["CLIPModel", "DiffusionModel", "GenerativeModule"]
+__all__ = ["CLIPModel", "DiffusionModel", "GenerativeModule", "LatentDiffusionModel", "VAEModel"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,7 +61,7 @@ class DiffusionModel(GenerativeModule):
         self.schedule = NoiseSchedule.from_name(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
         self.loss_fn = DiffusionLoss(self.schedule, prediction_type, loss_weighting, min_snr_gamma)
         self.make_sampler(sampler)  # fail at construction, not after an hour of training, on a bad sampler setting
-        self.image_shape = (unet_config.in_channels, image_size, image_size)
+        self.sample_shape = (unet_config.in_channels, image_size, image_size)  # what the sampler draws
 
     # --- training -------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -71,18 +72,27 @@ class DiffusionModel(GenerativeModule):
         images = batch["image"]
         return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
 
+    # Hooks a conditional / latent subclass overrides; everything else (loss, EMA, samplers) is shared.
+    def diffusion_input(self, batch: dict[str, Any]) -> torch.Tensor:
+        """What the diffusion runs on: the images here, VAE latents in LatentDiffusionModel."""
+        return self._images(batch)
+
+    def denoiser(self, batch: dict[str, Any], use_ema: bool, training: bool) -> Callable[..., torch.Tensor]:
+        """model(x_t, t) -> prediction, bound to the batch's conditioning (none here)."""
+        return self.ema.shadow if use_ema else self.unet
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        images = self._images(batch)
-        loss = self.loss_fn(self.unet, images)
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        x0 = self.diffusion_input(batch)
+        loss = self.loss_fn(self.denoiser(batch, use_ema=False, training=True), x0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        images = self._images(batch)
+        x0 = self.diffusion_input(batch)
         # A fixed generator per batch: val/loss is comparable between evaluations, not re-drawn noise.
-        generator = torch.Generator(device=images.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
-        loss = self.loss_fn(self.ema.shadow, images, generator=generator)
-        self.log("val/loss", loss, sync_dist=True, batch_size=images.shape[0])
+        generator = torch.Generator(device=x0.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
+        loss = self.loss_fn(self.denoiser(batch, use_ema=True, training=False), x0, generator=generator)
+        self.log("val/loss", loss, sync_dist=True, batch_size=x0.shape[0])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.update_ema(self.ema, self.unet)
@@ -113,17 +123,31 @@ class DiffusionModel(GenerativeModule):
         """n images in [-1, 1], NCHW. cond/guidance exist for the shared interface; this model is unconditional."""
         if cond is not None or guidance != 1.0:
             raise ValueError("DiffusionModel is unconditional: cond and guidance are not supported")
-        network = self.ema.shadow if use_ema else self.unet
-        was_training = network.training
-        network.eval()
+        return self.run_sampler(
+            self.ema.shadow if use_ema else self.unet, n, steps=steps, sampler=sampler, eta=eta, generator=generator
+        ).clamp(-1, 1)
+
+    def run_sampler(
+        self,
+        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        n: int,
+        steps: int | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """n draws of shape `sample_shape` from x_T ~ N(0, I) with the configured (or given) sampler, in eval mode."""
+        modes = {module: module.training for module in self.modules()}
+        self.eval()
         try:
             return sample_loop(
-                network,
+                model,
                 self.make_sampler(sampler, eta),
-                (n, *self.image_shape),
+                (n, *self.sample_shape),
                 steps or self.hparams.sample_steps,
                 generator=generator,
                 device=self.device,
-            ).clamp(-1, 1)
+            )
         finally:
-            network.train(was_training)
+            for module, mode in modes.items():
+                module.training = mode

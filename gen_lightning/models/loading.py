@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
 from gen_lightning.models.base import GenerativeModule
 
@@ -45,6 +46,20 @@ def model_class(checkpoint: dict[str, Any], path: str | Path = "<checkpoint>") -
     return cls
 
 
+def build_model(cls: type[GenerativeModule], hparams: dict[str, Any]) -> GenerativeModule:
+    """cls(**hparams), with hyper-parameters of its own even when built inside another model's __init__.
+
+    Lightning's save_hyperparameters would otherwise take the outer model's: LightningCLI sets a context variable
+    with the CLI's arguments for the model it instantiates, and without it the frame walk continues into an outer
+    __init__ that called this one directly. A plain function frame (this one) and a cleared context stop both.
+    """
+    token = _given_hyperparameters.set(None)
+    try:
+        return cls(**hparams)
+    finally:
+        _given_hyperparameters.reset(token)
+
+
 def load_model(path: str | Path, expected: type[GenerativeModule] | None = None) -> GenerativeModule:
     """The model of a checkpoint, in eval mode on CPU. `expected` rejects a checkpoint of another model class."""
     checkpoint = read_checkpoint(path)
@@ -52,7 +67,7 @@ def load_model(path: str | Path, expected: type[GenerativeModule] | None = None)
     if expected is not None and not issubclass(cls, expected):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {cls.__name__}, expected a {expected.__name__}")
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    model = cls(**hparams)
+    model = build_model(cls, hparams)
     missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(

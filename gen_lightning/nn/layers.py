@@ -34,22 +34,28 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 class ResBlock(nn.Module):
-    """GN-SiLU-conv ×2 with the conditioning embedding applied as a scale/shift of the second norm (ADM's AdaGN)."""
+    """GN-SiLU-conv ×2 with the conditioning embedding applied as a scale/shift of the second norm (ADM's AdaGN).
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0) -> None:
+    emb_dim=0 builds an unconditioned block (autoencoders): no projection, and forward takes no embedding.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int = 0, dropout: float = 0.0) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels) if emb_dim else None
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
+        if self.emb_proj is not None:
+            if emb is None:
+                raise ValueError("this ResBlock was built with emb_dim > 0 but got no embedding")
+            scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 

@@ -1,0 +1,36 @@
+"""The encoder of a CLIP score, from one path: a Hugging Face CLIP directory or the project's own CLIP checkpoint.
+
+Heavy imports (transformers, lightning through the CLIP module) happen only for the branch the path takes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gen_lightning.metrics.clip_score import TextImageEncoder
+
+
+class EncoderPathError(ValueError):
+    """A path that is neither accepted form of a CLIP-score encoder; the message names the path and both forms."""
+
+
+ACCEPTED = (
+    "a Hugging Face CLIP directory (written by save_pretrained, with config.json) "
+    "or a gen_lightning CLIP checkpoint file (.ckpt)"
+)
+
+
+def load_text_image_encoder(path: str | Path) -> TextImageEncoder:
+    """The frozen, eval-mode image/text encoder pair stored at `path`; nothing is downloaded."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EncoderPathError(f"{str(path)!r} is a directory without config.json; expected {ACCEPTED}")
+        from gen_lightning.metrics.hf_clip import HuggingFaceCLIP
+
+        return HuggingFaceCLIP(path)
+    if path.is_file():
+        from gen_lightning.models.clip import load_clip  # weights-only: no code from the file runs
+
+        return load_clip(path)
+    raise EncoderPathError(f"CLIP-score encoder {str(path)!r} does not exist; expected {ACCEPTED}")

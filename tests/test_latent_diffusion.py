@@ -1,0 +1,219 @@
+"""Latent text-to-image diffusion: frozen first stage, latent scale, caption dropout, CFG through the model, a
+checkpoint that stands alone, the frozen CLIP text tower, and the sample CLI with prompts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from gen_lightning.cli import main
+from gen_lightning.models.clip import CLIPModel
+from gen_lightning.models.latent_diffusion import LatentDiffusionModel
+from gen_lightning.models.loading import load_model
+from gen_lightning.nn.text import TextConfig
+from gen_lightning.nn.vision import VisionConfig
+from tests.conftest import save_checkpoint
+from tests.wandb_reader import history
+
+TINY_UNET = {"channels": [16, 16], "attention_levels": [1], "num_heads": 2}
+TINY_TEXT = TextConfig(context_length=16, width=16, layers=1, heads=2)
+
+
+def tiny_ldm(vae_checkpoint, **kwargs) -> LatentDiffusionModel:
+    torch.manual_seed(0)
+    defaults = {"unet": TINY_UNET, "text": TINY_TEXT, "image_size": 16, "sample_steps": 3, "warmup_steps": 1}
+    return LatentDiffusionModel(vae_checkpoint=str(vae_checkpoint), **{**defaults, **kwargs})
+
+
+def test_unet_runs_in_the_vae_latent_space_with_text_cross_attention(tiny_vae_checkpoint):
+    model = tiny_ldm(tiny_vae_checkpoint)
+    assert model.sample_shape == (4, 8, 8)  # 16 px / f=2, 4 latent channels
+    assert model.unet.config.in_channels == 4 and model.unet.config.context_dim == 16
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    groups = model.configure_optimizers()["optimizer"].param_groups
+    optimized = {id(p) for group in groups for p in group["params"]}
+    assert optimized.isdisjoint(id(p) for p in model.vae.parameters())
+    assert {id(p) for p in model.text_encoder.parameters()} <= optimized  # the small text transformer trains
+
+
+def test_caption_dropout_rate():
+    torch.manual_seed(0)
+    model = LatentDiffusionModel.__new__(LatentDiffusionModel)  # only drop_captions: no networks needed
+    torch.nn.Module.__init__(model)
+    model._hparams = type("H", (), {"caption_dropout": 0.25})()
+    dropped = model.drop_captions(["a cat"] * 4000)
+    assert abs(dropped.count("") / 4000 - 0.25) < 0.03
+    assert set(dropped) == {"", "a cat"}
+    model._hparams.caption_dropout = 0.0
+    assert "" not in model.drop_captions(["a cat"] * 1000)
+
+
+def test_latent_scale_is_estimated_once_from_data(tiny_vae_checkpoint):
+    model = tiny_ldm(tiny_vae_checkpoint)
+    assert math.isnan(model.latent_scale.item())
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    latents = model.diffusion_input({"image": images, "caption": ["x"] * 6})
+    assert latents.std().item() == pytest.approx(1.0, rel=0.05)  # population std of this very batch
+    scale = model.latent_scale.item()
+    model.diffusion_input({"image": images * 0.1, "caption": ["x"] * 6})
+    assert model.latent_scale.item() == scale  # fixed after the first batch
+    given = tiny_ldm(tiny_vae_checkpoint, latent_scale=0.5)
+    assert given.latent_scale.item() == 0.5
+
+
+def test_guidance_zero_is_the_unconditional_sample_and_checkpoint_stands_alone(tiny_vae_checkpoint, tmp_path):
+    model = tiny_ldm(tiny_vae_checkpoint, latent_scale=1.0)
+    with torch.no_grad():  # make the text matter: an untrained UNet's cross-attention output is zero-initialised
+        for p in model.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.ema.shadow.load_state_dict(model.trained.state_dict())
+
+    def draw(**kwargs) -> torch.Tensor:
+        return model.sample(2, steps=3, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    unconditional = draw(cond=["", ""], guidance=1.0)
+    torch.testing.assert_close(draw(cond=["red apple", "sun"], guidance=0.0), unconditional, atol=1e-5, rtol=1e-4)
+    conditional = draw(cond=["red apple", "sun"], guidance=1.0)
+    assert (conditional - unconditional).abs().max() > 1e-3  # the prompt changes the image
+    guided = draw(cond=["red apple", "sun"], guidance=3.0)
+    assert (guided - conditional).abs().max() > 1e-3
+    assert conditional.shape == (2, 3, 16, 16) and conditional.abs().max() <= 1
+
+    # The checkpoint carries the VAE: it loads after the first-stage file is gone, and samples the same.
+    path = save_checkpoint(model, tmp_path / "ldm.ckpt")
+    vae_copy = tmp_path / "vae.ckpt"
+    vae_copy.write_bytes(tiny_vae_checkpoint.read_bytes())
+    model.hparams["vae_checkpoint"] = str(vae_copy)
+    path = save_checkpoint(model, tmp_path / "ldm.ckpt")
+    vae_copy.unlink()
+    reloaded = load_model(path, expected=LatentDiffusionModel)
+    torch.testing.assert_close(
+        reloaded.sample(2, cond=["red apple", "sun"], steps=3, generator=torch.Generator().manual_seed(0)), guided
+    )
+
+
+def test_frozen_clip_text_tower(tiny_vae_checkpoint, tmp_path):
+    torch.manual_seed(0)
+    clip = CLIPModel(
+        vision=VisionConfig(width=16, layers=1, heads=2),
+        text=TextConfig(context_length=16, width=24, layers=1, heads=2),
+        embed_dim=8,
+        image_size=16,
+    )
+    clip_path = save_checkpoint(clip, tmp_path / "clip.ckpt")
+    model = tiny_ldm(tiny_vae_checkpoint, text=None, clip_checkpoint=str(clip_path), latent_scale=1.0)
+    assert model.unet.config.context_dim == 24 and model.hparams.text_from_clip
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    torch.testing.assert_close(model.text_encoder.state_dict(), clip.text.state_dict())
+    assert "text" not in model.trained  # neither optimised nor EMA'd
+    model.train()
+    assert not model.text_encoder.training and not model.vae.training
+
+
+def tiny_ldm_args(shards: Path, vae_checkpoint: Path, root: Path) -> list[str]:
+    """configs/ldm_emoji.yaml shrunk to seconds on toy shards, without its sample-grid callback."""
+    return [
+        "--config=configs/ldm_emoji.yaml",
+        f"--model.init_args.vae_checkpoint={vae_checkpoint}",
+        f"--trainer.default_root_dir={root}",
+        f"--data.train={shards}",
+        f"--data.val={shards}",
+        "--data.image_size=16",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        "--data.shuffle_buffer=8",
+        "--trainer.val_check_interval=4",
+        "--trainer.limit_val_batches=1",
+        "--trainer.callbacks=[]",
+        "--model.init_args.unet.channels=[16, 16]",
+        "--model.init_args.unet.num_heads=2",
+        "--model.init_args.text.width=16",
+        "--model.init_args.text.layers=1",
+        "--model.init_args.text.heads=2",
+    ]
+
+
+def test_fit_then_sample_cli_with_prompts(toy_shards, tiny_vae_checkpoint, tmp_path, capsys):
+    main(["fit", *tiny_ldm_args(toy_shards, tiny_vae_checkpoint, tmp_path), "--trainer.max_steps=4"])
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    # the first stage keeps its own hyper-parameters (LightningCLI's argument context must not leak into it)
+    vae_config = torch.load(checkpoint, weights_only=True)["hyper_parameters"]["vae_config"]
+    assert "autoencoder" in vae_config and "vae_checkpoint" not in vae_config
+    out = tmp_path / "grid.png"
+    args = ["sample", f"--ckpt={checkpoint}", "--prompt=red circle", "--prompt=blue square", "--n=3"]
+    main([*args, "--guidance=3", "--steps=2", f"--out={out}"])
+    assert "rows: 'red circle', 'blue square'" in capsys.readouterr().out
+    with Image.open(out) as grid:  # 2 rows of 3 images of 16 px with 2 px padding
+        assert grid.size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)
+    with pytest.raises(SystemExit):
+        main(["sample", f"--ckpt={tiny_vae_checkpoint}", "--prompt=red", f"--out={out}"])
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    clip = CLIPModel(
+        vision=VisionConfig(width=16, layers=1, heads=2),
+        text=TextConfig(context_length=16, width=24, layers=1, heads=2),
+        embed_dim=8,
+        image_size=16,
+    )
+    return save_checkpoint(clip, tmp_path_factory.mktemp("clip") / "clip.ckpt")
+
+
+@pytest.mark.parametrize("with_clip", [True, False])
+def test_evaluation_callback_clip_score_on_val_captions(
+    with_clip, toy_shards, tiny_vae_checkpoint, tiny_clip_checkpoint, tmp_path, caplog
+):
+    clip_args = [f"--trainer.callbacks.clip={tiny_clip_checkpoint}"] if with_clip else []
+    with caplog.at_level(logging.INFO, logger="gen_lightning"):
+        main(
+            [
+                "fit",
+                *tiny_ldm_args(toy_shards, tiny_vae_checkpoint, tmp_path),
+                "--trainer.max_steps=2",
+                "--trainer.log_every_n_steps=1",
+                "--trainer.callbacks+=gen_lightning.callbacks.GenerativeEvaluation",
+                "--trainer.callbacks.num_samples=4",
+                "--trainer.callbacks.steps=2",
+                "--trainer.callbacks.max_real=8",
+                f"--trainer.callbacks.cache_dir={tmp_path / 'fid_cache'}",
+                *clip_args,
+            ]
+        )
+    rows = history(next(tmp_path.glob("wandb/offline-run-*")))
+    logged = {k: v for row in rows for k, v in row.items()}
+    assert "val/fid" in logged
+    skipped = [r for r in caplog.records if "CLIP score skipped: no CLIP configured" in r.getMessage()]
+    if with_clip:
+        assert 0.0 <= logged["val/clip_score"] <= 100.0 and not skipped
+    else:
+        assert "val/clip_score" not in logged and len(skipped) == 1
+
+
+def test_evaluate_cli_reports_clip_score(toy_shards, tiny_vae_checkpoint, tiny_clip_checkpoint, tmp_path, capsys):
+    main(["fit", *tiny_ldm_args(toy_shards, tiny_vae_checkpoint, tmp_path), "--trainer.max_steps=2"])
+    report_path = tmp_path / "report.json"
+    main(
+        [
+            "evaluate",
+            f"--ckpt={tmp_path / 'checkpoints' / 'last.ckpt'}",
+            f"--data={toy_shards}",
+            "--num-samples=4",
+            "--max-real=8",
+            "--steps=2",
+            "--num-workers=0",
+            f"--clip={tiny_clip_checkpoint}",
+            f"--cache-dir={tmp_path / 'fid_cache'}",
+            f"--out={report_path}",
+        ]
+    )
+    report = json.loads(report_path.read_text())
+    assert 0.0 <= report["clip_score"] <= 100.0 and report["clip"] == str(tiny_clip_checkpoint)
+    assert report["guidance"] == 3.0 and report["num_samples"] == 4
