@@ -10,7 +10,7 @@ EMOJI_TEST := /usr/share/unicode/emoji/emoji-test.txt
 DATA ?= data/emoji
 RUN ?= runs/ddpm_emoji
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo clip text2image test lint clean
 
 setup: $(STAMP) $(FONT) $(EMOJI_TEST)
 
@@ -37,6 +37,21 @@ demo: setup $(DATA)/manifest.json
 	$(VENV)/bin/gen-lightning sample --ckpt $(RUN)/checkpoints/last.ckpt --n 64 --sampler ddim --steps 50 \
 		--out $(RUN)/samples.png
 	@echo "sample grid: $(RUN)/samples.png   W&B offline run: $(RUN)/wandb/"
+
+# CLIP on emoji + names (~20 CPU-minutes): retrieval / zero-shot numbers in its W&B run; the CLIP score's encoder.
+clip: setup $(DATA)/manifest.json
+	$(VENV)/bin/gen-lightning fit --config configs/clip_emoji.yaml
+
+# Text-to-image in two stages (~20 CPU-minutes each): the VAE, then latent diffusion on its latents, then a grid for
+# four prompts held out of training (val captions) at guidance 3. bench/prompt_adherence.py scores it with the CLIP.
+runs/vae_emoji/checkpoints/last.ckpt: | setup $(DATA)/manifest.json
+	$(VENV)/bin/gen-lightning fit --config configs/vae_emoji.yaml
+
+text2image: runs/vae_emoji/checkpoints/last.ckpt
+	$(VENV)/bin/gen-lightning fit --config configs/ldm_emoji.yaml
+	$(VENV)/bin/gen-lightning sample --ckpt runs/ldm_emoji/checkpoints/last.ckpt --prompt "blue heart" \
+		--prompt "red circle" --prompt "cherries" --prompt "panda" --n 8 --guidance 3 --out runs/ldm_emoji/prompts.png
+	@echo "prompt grid: runs/ldm_emoji/prompts.png   W&B offline runs: runs/vae_emoji/wandb/ runs/ldm_emoji/wandb/"
 
 test: setup lint
 	$(PY) -m pytest -q -ra

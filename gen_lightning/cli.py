@@ -127,8 +127,19 @@ def shards_main(args: Sequence[str]) -> None:
     folder.add_argument("--size", type=int, default=None, help="resize + center-crop to SIZE (default: keep bytes)")
     folder.add_argument("--samples-per-shard", type=int, default=256)
     folder.add_argument("--val-fraction", type=float, default=0.1)
+    encode = sub.add_parser("encode", help="add VAE latents (latent.npy) to a shard folder, for latent diffusion")
+    encode.add_argument("--vae", required=True, help="VAEModel checkpoint")
+    encode.add_argument("--data", required=True, help="shard folder written by `gen-lightning shards` (both splits)")
+    encode.add_argument("--out", required=True, help="output folder")
+    encode.add_argument("--batch-size", type=int, default=64)
+    encode.add_argument("--samples-per-shard", type=int, default=64)
+    encode.add_argument("--device", default="cpu")
     ns = parser.parse_args(args)
-    if ns.source == "emoji":
+    if ns.source == "encode":
+        from gen_lightning.data.latent_source import write_latent_shards
+
+        manifest = write_latent_shards(ns.data, ns.vae, ns.out, ns.batch_size, ns.samples_per_shard, ns.device)
+    elif ns.source == "emoji":
         from gen_lightning.data.emoji_source import write_emoji_shards
 
         manifest = write_emoji_shards(ns.out, ns.size, ns.font, ns.samples_per_shard, ns.limit)

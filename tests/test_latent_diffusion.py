@@ -13,9 +13,12 @@ import torch
 from PIL import Image
 
 from gen_lightning.cli import main
+from gen_lightning.data.datamodule import ShardDataModule
+from gen_lightning.data.shard_writer import read_manifest
 from gen_lightning.models.clip import CLIPModel
 from gen_lightning.models.latent_diffusion import LatentDiffusionModel
 from gen_lightning.models.loading import load_model
+from gen_lightning.models.vae import VAEModel
 from gen_lightning.nn.text import TextConfig
 from gen_lightning.nn.vision import VisionConfig
 from tests.conftest import save_checkpoint
@@ -217,3 +220,28 @@ def test_evaluate_cli_reports_clip_score(toy_shards, tiny_vae_checkpoint, tiny_c
     report = json.loads(report_path.read_text())
     assert 0.0 <= report["clip_score"] <= 100.0 and report["clip"] == str(tiny_clip_checkpoint)
     assert report["guidance"] == 3.0 and report["num_samples"] == 4
+
+
+def test_pre_encoded_latent_shards_train_and_refuse_another_vae(toy_shards, tiny_vae_checkpoint, tmp_path):
+    latent_dir = tmp_path / "latents"
+    main(["shards", "encode", f"--vae={tiny_vae_checkpoint}", f"--data={toy_shards}", f"--out={latent_dir}"])
+    source, encoded = read_manifest(toy_shards), read_manifest(latent_dir)
+    for split in ("train", "val"):  # same keys, so the same split
+        assert encoded["splits"][split]["num_samples"] == source["splits"][split]["num_samples"]
+    assert "latent.npy" in encoded["fields"]
+
+    data = ShardDataModule(val=str(latent_dir), image_size=16, batch_size=4, num_workers=0)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    vae = load_model(tiny_vae_checkpoint)
+    torch.testing.assert_close(batch["latent"], vae.encode(batch["image"]), atol=1e-5, rtol=1e-4)
+
+    model = tiny_ldm(tiny_vae_checkpoint, latent_scale=1.0)
+    torch.testing.assert_close(model.diffusion_input(batch), batch["latent"])
+    torch.manual_seed(1)
+    other_vae = save_checkpoint(VAEModel(autoencoder=vae.hparams.autoencoder, image_size=16), tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match=f"sample {batch['__key__'][0]}: its latent.npy was encoded by VAE"):
+        tiny_ldm(other_vae, latent_scale=1.0).diffusion_input(batch)
+
+    main(["fit", *tiny_ldm_args(latent_dir, tiny_vae_checkpoint, tmp_path / "run"), "--trainer.max_steps=2"])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

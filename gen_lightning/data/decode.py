@@ -26,6 +26,7 @@ from gen_lightning.images import pil_to_tensor
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+LATENT_KEY = "latent.npy"
 MAX_WARNINGS_PER_PROCESS = 20
 
 # Per-process tallies of skipped samples by reason; drained into each batch (see module docstring).
@@ -129,7 +130,20 @@ def decode_sample(raw: dict[str, Any], transform: ImageTransform, rng: random.Ra
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"txt caption is not UTF-8 ({err})") from err
-    return {"image": tensor, "caption": caption.strip(), "meta": _metadata(raw), "__key__": raw.get("__key__", "")}
+    sample = {"image": tensor, "caption": caption.strip(), "meta": _metadata(raw), "__key__": raw.get("__key__", "")}
+    if LATENT_KEY in raw:  # pre-encoded shards (data.latent_source)
+        sample["latent"] = _latent(raw[LATENT_KEY])
+    return sample
+
+
+def _latent(data: bytes) -> torch.Tensor:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{LATENT_KEY} is not a readable .npy array ({err})") from err
+    if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+        raise ValueError(f"{LATENT_KEY} must be a finite float C×h×w array, got {array.dtype} {array.shape}")
+    return torch.from_numpy(array.astype(np.float32))
 
 
 def _metadata(raw: dict[str, Any]) -> dict[str, Any]:
@@ -147,13 +161,19 @@ def _metadata(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "meta": [s["meta"] for s in samples],
         "__key__": [s["__key__"] for s in samples],
         "skipped": drain_skipped(),
     }
+    with_latent = sum("latent" in s for s in samples)
+    if with_latent == len(samples):
+        batch["latent"] = torch.stack([s["latent"] for s in samples])
+    elif with_latent:
+        raise ValueError(f"a batch mixes samples with and without {LATENT_KEY}: the shard set is a mix of sources")
+    return batch
 
 
 def decode_and_batch(

@@ -4,7 +4,8 @@ on text through the UNet's cross-attention and steered by classifier-free guidan
 The first stage is a trained `VAEModel` checkpoint; its weights are copied into this model's checkpoints, so sampling
 needs only the latent-diffusion checkpoint. Latents are multiplied by `latent_scale` so they have unit variance, as the
 noise schedule assumes (Stable Diffusion's 0.18215 is the same idea, measured once on a batch of its data): unless
-given, it is estimated on the first training batch (std over all ranks' latents) and stored as a buffer.
+given, it is estimated on the first batch the model sees (the sanity-check validation batch when Lightning runs one,
+else the first training batch; std over all ranks' latents) and stored as a buffer, so a resumed run keeps it.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class LatentDiffusionModel(DiffusionModel):
         self.ema = EMA(self.trained, max_decay=self.hparams.ema_max_decay, power=self.hparams.ema_power)
         self.register_buffer("latent_scale", torch.tensor(math.nan if latent_scale is None else float(latent_scale)))
         self.truncation = TruncationCounter("latent diffusion captions")
+        self._vae_sha256: str | None = None  # computed on the first pre-encoded batch
 
     def train(self, mode: bool = True) -> LatentDiffusionModel:
         super().train(mode)
@@ -121,11 +123,30 @@ class LatentDiffusionModel(DiffusionModel):
     # --- DiffusionModel hooks -------------------------------------------------------------------------------------
     @torch.no_grad()
     def diffusion_input(self, batch: dict[str, Any]) -> torch.Tensor:
-        latents = self.vae.encode(self._images(batch))
+        latents = self.stored_latents(batch) if "latent" in batch else self.vae.encode(self._images(batch))
         if not torch.isfinite(self.latent_scale):
             self.latent_scale.fill_(1.0 / self.estimate_latent_std(latents))
             self.log("train/latent_scale", self.latent_scale, rank_zero_only=True)
         return latents * self.latent_scale
+
+    def stored_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Latents of pre-encoded shards (data.latent_source), after checking they come from this model's VAE."""
+        if self._vae_sha256 is None:
+            from gen_lightning.data.latent_source import vae_fingerprint
+
+            self._vae_sha256 = vae_fingerprint(self.vae)
+        for key, meta in zip(batch["__key__"], batch["meta"], strict=True):
+            made_by = (meta.get("latent") or {}).get("vae_sha256")
+            if made_by != self._vae_sha256:
+                raise ValueError(
+                    f"sample {key}: its latent.npy was encoded by VAE {str(made_by)[:12]}, but this model's VAE is "
+                    f"{self._vae_sha256[:12]} ({self.hparams.vae_checkpoint}); re-encode with `gen-lightning shards "
+                    "encode --vae` of this VAE, or train on the image shards"
+                )
+        latents = batch["latent"]
+        if tuple(latents.shape[1:]) != tuple(self.sample_shape):
+            raise ValueError(f"stored latents are {tuple(latents.shape[1:])}, the model expects {self.sample_shape}")
+        return latents
 
     def estimate_latent_std(self, latents: torch.Tensor) -> float:
         """Std of all ranks' latents of one batch (one number, so every rank scales identically)."""
