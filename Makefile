@@ -42,12 +42,16 @@ demo: setup $(DATA)/manifest.json
 clip: setup $(DATA)/manifest.json
 	$(VENV)/bin/gen-lightning fit --config configs/clip_emoji.yaml
 
-# Text-to-image in two stages (~20 CPU-minutes each): the VAE, then latent diffusion on its latents, then a grid for
+# Text-to-image in two stages (~20 CPU-minutes each): the VAE, its latents stored once, latent diffusion, then a grid for
 # four prompts held out of training (val captions) at guidance 3. bench/prompt_adherence.py scores it with the CLIP.
 runs/vae_emoji/checkpoints/last.ckpt: | setup $(DATA)/manifest.json
 	$(VENV)/bin/gen-lightning fit --config configs/vae_emoji.yaml
 
-text2image: runs/vae_emoji/checkpoints/last.ckpt
+data/emoji_latents/manifest.json: runs/vae_emoji/checkpoints/last.ckpt
+	$(VENV)/bin/gen-lightning shards encode --vae runs/vae_emoji/checkpoints/last.ckpt --data $(DATA) \
+		--out data/emoji_latents
+
+text2image: data/emoji_latents/manifest.json
 	$(VENV)/bin/gen-lightning fit --config configs/ldm_emoji.yaml
 	$(VENV)/bin/gen-lightning sample --ckpt runs/ldm_emoji/checkpoints/last.ckpt --prompt "blue heart" \
 		--prompt "red circle" --prompt "cherries" --prompt "panda" --n 8 --guidance 3 --out runs/ldm_emoji/prompts.png
