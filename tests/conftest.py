@@ -81,8 +81,8 @@ def tiny_vae_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(vae, tmp_path_factory.mktemp("vae") / "vae.ckpt")
 
 
-def tiny_fit_args(shards: Path, root: Path, *extra: str, config: str = "configs/ddpm_emoji.yaml") -> list[str]:
-    """CLI arguments for a seconds-long fit of a tiny UNet on toy shards."""
+def toy_data_args(shards: Path, root: Path, config: str) -> list[str]:
+    """`config` pointed at toy shards and `root`, 16 px batches of 4 in the main process."""
     return [
         "--config",
         str(REPO / config),
@@ -93,6 +93,13 @@ def tiny_fit_args(shards: Path, root: Path, *extra: str, config: str = "configs/
         "--data.batch_size=4",
         "--data.num_workers=0",
         "--data.shuffle_buffer=8",
+    ]
+
+
+def tiny_fit_args(shards: Path, root: Path, *extra: str, config: str = "configs/ddpm_emoji.yaml") -> list[str]:
+    """CLI arguments for a seconds-long fit of a tiny UNet on toy shards."""
+    return [
+        *toy_data_args(shards, root, config),
         "--model.init_args.unet.channels=[8, 16]",
         "--model.init_args.unet.attention_levels=[1]",
         "--model.init_args.unet.num_heads=2",

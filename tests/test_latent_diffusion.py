@@ -21,7 +21,7 @@ from gen_lightning.models.loading import load_model
 from gen_lightning.models.vae import VAEModel
 from gen_lightning.nn.text import TextConfig
 from gen_lightning.nn.vision import VisionConfig
-from tests.conftest import save_checkpoint
+from tests.conftest import save_checkpoint, toy_data_args
 from tests.wandb_reader import history
 
 TINY_UNET = {"channels": [16, 16], "attention_levels": [1], "num_heads": 2}
@@ -101,7 +101,8 @@ def test_guidance_zero_is_the_unconditional_sample_and_checkpoint_stands_alone(t
     )
 
 
-def test_frozen_clip_text_tower(tiny_vae_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_clip_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     clip = CLIPModel(
         vision=VisionConfig(width=16, layers=1, heads=2),
@@ -109,7 +110,12 @@ def test_frozen_clip_text_tower(tiny_vae_checkpoint, tmp_path):
         embed_dim=8,
         image_size=16,
     )
-    clip_path = save_checkpoint(clip, tmp_path / "clip.ckpt")
+    return save_checkpoint(clip, tmp_path_factory.mktemp("clip") / "clip.ckpt")
+
+
+def test_frozen_clip_text_tower(tiny_vae_checkpoint, tiny_clip_checkpoint):
+    clip = load_model(tiny_clip_checkpoint)
+    clip_path = tiny_clip_checkpoint
     model = tiny_ldm(tiny_vae_checkpoint, text=None, clip_checkpoint=str(clip_path), latent_scale=1.0)
     assert model.unet.config.context_dim == 24 and model.hparams.text_from_clip
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
@@ -122,15 +128,8 @@ def test_frozen_clip_text_tower(tiny_vae_checkpoint, tmp_path):
 def tiny_ldm_args(shards: Path, vae_checkpoint: Path, root: Path) -> list[str]:
     """configs/ldm_emoji.yaml shrunk to seconds on toy shards, without its sample-grid callback."""
     return [
-        "--config=configs/ldm_emoji.yaml",
+        *toy_data_args(shards, root, "configs/ldm_emoji.yaml"),
         f"--model.init_args.vae_checkpoint={vae_checkpoint}",
-        f"--trainer.default_root_dir={root}",
-        f"--data.train={shards}",
-        f"--data.val={shards}",
-        "--data.image_size=16",
-        "--data.batch_size=4",
-        "--data.num_workers=0",
-        "--data.shuffle_buffer=8",
         "--trainer.val_check_interval=4",
         "--trainer.limit_val_batches=1",
         "--trainer.callbacks=[]",
@@ -156,18 +155,6 @@ def test_fit_then_sample_cli_with_prompts(toy_shards, tiny_vae_checkpoint, tmp_p
         assert grid.size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)
     with pytest.raises(SystemExit):
         main(["sample", f"--ckpt={tiny_vae_checkpoint}", "--prompt=red", f"--out={out}"])
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    clip = CLIPModel(
-        vision=VisionConfig(width=16, layers=1, heads=2),
-        text=TextConfig(context_length=16, width=24, layers=1, heads=2),
-        embed_dim=8,
-        image_size=16,
-    )
-    return save_checkpoint(clip, tmp_path_factory.mktemp("clip") / "clip.ckpt")
 
 
 @pytest.mark.parametrize("with_clip", [True, False])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lightning as L
@@ -52,6 +53,17 @@ class GenerativeModule(L.LightningModule):
             self._last_ema_step = self.trainer.global_step
             decay = ema.update(model)
             self.log("train/ema_decay", decay, on_step=True, on_epoch=False)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode for the block (dropout off, EMA/frozen parts as they are), then each submodule's mode restored."""
+        modes = {module: module.training for module in self.modules()}
+        self.eval()
+        try:
+            yield
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
 
     def sample(self, n: int, cond: Any = None, steps: int | None = None, guidance: float = 1.0, **kwargs: Any):
         """n images in [-1, 1], NCHW: the one generation interface (CLI, callbacks, tests). Models that do not

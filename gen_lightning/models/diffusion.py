@@ -137,9 +137,7 @@ class DiffusionModel(GenerativeModule):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """n draws of shape `sample_shape` from x_T ~ N(0, I) with the configured (or given) sampler, in eval mode."""
-        modes = {module: module.training for module in self.modules()}
-        self.eval()
-        try:
+        with self.evaluating():
             return sample_loop(
                 model,
                 self.make_sampler(sampler, eta),
@@ -148,6 +146,3 @@ class DiffusionModel(GenerativeModule):
                 generator=generator,
                 device=self.device,
             )
-        finally:
-            for module, mode in modes.items():
-                module.training = mode

@@ -126,8 +126,9 @@ class LatentDiffusionModel(DiffusionModel):
         latents = self.stored_latents(batch) if "latent" in batch else self.vae.encode(self._images(batch))
         if not torch.isfinite(self.latent_scale):
             self.latent_scale.fill_(1.0 / self.estimate_latent_std(latents))
-            self.log("train/latent_scale", self.latent_scale, rank_zero_only=True)
-        return latents * self.latent_scale
+        latents = latents * self.latent_scale
+        # NCHW input to a channels_last UNet would be converted in every convolution (~40% slower steps on CPU).
+        return latents.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else latents
 
     def stored_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """Latents of pre-encoded shards (data.latent_source), after checking they come from this model's VAE."""

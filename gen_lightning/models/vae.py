@@ -225,11 +225,6 @@ class VAEModel(GenerativeModule):
         interface and are ignored (decoding is one pass); this model is unconditional."""
         if cond is not None or guidance != 1.0:
             raise ValueError("VAEModel is unconditional: cond and guidance are not supported")
-        network = self._network(use_ema)
-        was_training = network.training
-        network.eval()
-        try:
+        with self.evaluating():
             z = torch.randn((n, *self.latent_shape), generator=generator, device=self.device)
             return self.decode(z, use_ema=use_ema)
-        finally:
-            network.train(was_training)
