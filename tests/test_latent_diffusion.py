@@ -89,7 +89,6 @@ def test_guidance_zero_is_the_unconditional_sample_and_checkpoint_stands_alone(t
     assert conditional.shape == (2, 3, 16, 16) and conditional.abs().max() <= 1
 
     # The checkpoint carries the VAE: it loads after the first-stage file is gone, and samples the same.
-    path = save_checkpoint(model, tmp_path / "ldm.ckpt")
     vae_copy = tmp_path / "vae.ckpt"
     vae_copy.write_bytes(tiny_vae_checkpoint.read_bytes())
     model.hparams["vae_checkpoint"] = str(vae_copy)
@@ -115,8 +114,7 @@ def tiny_clip_checkpoint(tmp_path_factory) -> Path:
 
 def test_frozen_clip_text_tower(tiny_vae_checkpoint, tiny_clip_checkpoint):
     clip = load_model(tiny_clip_checkpoint)
-    clip_path = tiny_clip_checkpoint
-    model = tiny_ldm(tiny_vae_checkpoint, text=None, clip_checkpoint=str(clip_path), latent_scale=1.0)
+    model = tiny_ldm(tiny_vae_checkpoint, text=None, clip_checkpoint=str(tiny_clip_checkpoint), latent_scale=1.0)
     assert model.unet.config.context_dim == 24 and model.hparams.text_from_clip
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
     torch.testing.assert_close(model.text_encoder.state_dict(), clip.text.state_dict())
