@@ -103,12 +103,21 @@ def run_lightning_cli(args: Sequence[str]) -> None:
 
 def finish_wandb(trainer) -> None:
     """Close the W&B run when the command ends, so its files are complete when `gen-lightning fit` returns (and when
-    it is called in-process, e.g. from a notebook or a test), not only at interpreter exit."""
+    it is called in-process, e.g. from a notebook or a test), not only at interpreter exit.
+
+    `run.finish()` alone is not enough: it only *informs* wandb's service, which closes the run file asynchronously
+    (a small offline run file can still be the bare header when finish() returns). `wandb.teardown()` waits for the
+    service, so it runs once no other run of this process is active."""
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
+    finished = False
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
             logger.experiment.finish()
+            finished = True
+    if finished and wandb.run is None:
+        wandb.teardown()
 
 
 # --- shards -----------------------------------------------------------------------------------------------------------

@@ -42,21 +42,27 @@ def records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             yield record
 
 
-def history(run_dir: Path) -> list[dict]:
-    """Every logged history row of the run in `run_dir` (wandb/offline-run-*), values JSON-decoded."""
+def complete_records(run_dir: Path) -> list[wandb_internal_pb2.Record]:
+    """The records of the finished run in `run_dir` (wandb/offline-run-*); an error if the file lacks the final `exit`
+    record (the run was not closed, or wandb's service had not written the file out yet)."""
     (run_file,) = run_dir.glob("run-*.wandb")
-    rows = []
-    for record in records(run_file):
-        if record.WhichOneof("record_type") == "history":
-            rows.append(
-                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            )
-    return rows
+    found = list(records(run_file))
+    if not found or found[-1].WhichOneof("record_type") != "exit":
+        raise AssertionError(f"{run_file} is incomplete: no final exit record ({len(found)} records)")
+    return found
+
+
+def history(run_dir: Path) -> list[dict]:
+    """Every logged history row of the run in `run_dir`, values JSON-decoded."""
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        for record in complete_records(run_dir)
+        if record.WhichOneof("record_type") == "history"
+    ]
 
 
 def run_id(run_dir: Path) -> str:
-    (run_file,) = run_dir.glob("run-*.wandb")
-    for record in records(run_file):
+    for record in complete_records(run_dir):
         if record.WhichOneof("record_type") == "run":
             return record.run.run_id
-    raise ValueError(f"no run record in {run_file}")
+    raise ValueError(f"no run record in {run_dir}")
