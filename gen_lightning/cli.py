@@ -54,18 +54,27 @@ def default_wandb_mode() -> None:
 
 # --- LightningCLI -----------------------------------------------------------------------------------------------------
 def run_lightning_cli(args: Sequence[str]) -> None:
+    from jsonargparse import ActionYesNo
     from lightning.pytorch.cli import LightningCLI
 
-    from gen_lightning.callbacks import DataThroughput, RunCheckpoint
+    from gen_lightning.callbacks import DataThroughput, NonFiniteGuard, RunCheckpoint
     from gen_lightning.data.datamodule import ShardDataModule
     from gen_lightning.models.base import GenerativeModule
 
     class GenLightningCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data.image_size", "model.init_args.image_size")
-            # Always-on callbacks, configurable as top-level `checkpoint:` / `throughput:` keys.
+            # Always-on callbacks, configurable as top-level `checkpoint:` / `throughput:` / `nonfinite:` keys.
             parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
             parser.add_lightning_class_args(DataThroughput, "throughput")
+            parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+            parser.add_argument(
+                "--resume",
+                action=ActionYesNo(no_prefix="no-"),
+                default=True,
+                help="fit: continue from the newest complete checkpoint of this run's folder, if any (--no-resume "
+                "starts fresh). An explicit --ckpt_path wins.",
+            )
             parser.set_defaults(
                 {
                     "trainer.logger": {
@@ -87,6 +96,8 @@ def run_lightning_cli(args: Sequence[str]) -> None:
                 ):
                     logger.init_args.save_dir = root  # the run's W&B files live with its checkpoints
                     Path(root).mkdir(parents=True, exist_ok=True)
+            if self.subcommand == "fit":
+                resume_from_run_folder(config, Path(root))
 
     default_wandb_mode()
     cli = GenLightningCLI(
@@ -99,6 +110,33 @@ def run_lightning_cli(args: Sequence[str]) -> None:
         auto_configure_optimizers=False,
     )
     finish_wandb(cli.trainer)
+
+
+def resume_from_run_folder(config, root: Path) -> None:
+    """Re-running the same fit command continues the run: the newest complete checkpoint (checkpoint folder, or
+    Lightning's SLURM `hpc_ckpt_N.ckpt` in the root) becomes ckpt_path, and W&B resumes the run id stored in it.
+    With --no-resume, earlier checkpoints are set aside (never deleted) and the run starts at step 0."""
+    from gen_lightning.checkpointing import checkpoint_files, find_resume_checkpoint, set_aside, stored_run_ids
+
+    if config.ckpt_path is not None:
+        return
+    folders = [Path(config.checkpoint.dirpath or root / "checkpoints"), root]
+    if not config.resume:
+        if earlier := checkpoint_files(folders):
+            archive = set_aside(earlier, folders[0])
+            log.warning("--no-resume: starting at step 0; %d earlier checkpoint(s) moved to %s", len(earlier), archive)
+        return
+    found = find_resume_checkpoint(folders)
+    if found is None:
+        return
+    path, step = found
+    config.ckpt_path = str(path)
+    log.info("resuming from %s (global_step %d); --no-resume starts fresh", path, step)
+    wandb_id = stored_run_ids(path).get("wandb")
+    loggers = config.trainer.logger
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if wandb_id and getattr(logger, "class_path", "").endswith("WandbLogger") and not logger.init_args.get("id"):
+            logger.init_args.id = wandb_id  # WandbLogger passes resume="allow": the same run continues
 
 
 def finish_wandb(trainer) -> None:

@@ -1,6 +1,7 @@
 from gen_lightning.callbacks.checkpoint import RunCheckpoint
 from gen_lightning.callbacks.evaluation import GenerativeEvaluation
+from gen_lightning.callbacks.nonfinite import NonFiniteGuard
 from gen_lightning.callbacks.sample_grid import SampleGrid
 from gen_lightning.callbacks.throughput import DataThroughput
 
-__all__ = ["DataThroughput", "GenerativeEvaluation", "RunCheckpoint", "SampleGrid"]
+__all__ = ["DataThroughput", "GenerativeEvaluation", "NonFiniteGuard", "RunCheckpoint", "SampleGrid"]

@@ -1,21 +1,56 @@
 """Checkpoints under `<default_root_dir>/checkpoints` (not inside the logger's folder), so a run's files and its
-resume point are found from the one directory the user chose."""
+resume point are found from the one directory the user chose. Written atomically (gen_lightning.checkpointing),
+never with non-finite weights, and carrying the logger run ids so a resumed run logs to the same W&B run."""
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from gen_lightning.checkpointing import AtomicCheckpointIO
+
+log = logging.getLogger("gen_lightning")
+
+
+def logger_run_ids(trainer: L.Trainer) -> dict[str, str]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    ids = [str(lg.version) for lg in trainer.loggers if isinstance(lg, WandbLogger) and lg.version]
+    return {"wandb": ids[0]} if ids else {}
+
+
+def has_non_finite_weights(module: torch.nn.Module) -> bool:
+    tensors = module.state_dict().values()
+    return any(not torch.isfinite(tensor).all() for tensor in tensors if tensor.is_floating_point())
 
 
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose default dirpath is `<trainer.default_root_dir>/checkpoints` and that keeps `last.ckpt`."""
 
-    def __init__(self, *args, save_last: bool = True, **kwargs) -> None:
+    def __init__(self, *args: Any, save_last: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, save_last=save_last, **kwargs)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        # Sharded strategies (FSDP, DeepSpeed) write folders with their own IO; the plain torch one is replaced.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["gen_lightning_run"] = {"logger_ids": logger_run_ids(trainer)}
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # A diverged model must not replace the last good checkpoint (the resume point). DDP replicas hold equal
+        # weights, so every rank takes the same decision.
+        if has_non_finite_weights(trainer.lightning_module):
+            log.error("not saving %s at step %d: the model has NaN/Inf weights", filepath, trainer.global_step)
+            return
+        super()._save_checkpoint(trainer, filepath)

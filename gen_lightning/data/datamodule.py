@@ -47,6 +47,7 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int,
         seed: int,
         rank: int,
+        resumed_at: int = 0,
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -57,6 +58,7 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.rank = rank
+        self.resumed_at = resumed_at
         self.epoch = 0  # advances inside each (persistent) worker; a fresh worker would otherwise replay epoch 0
 
     def __len__(self) -> int:
@@ -64,7 +66,9 @@ class TrainStream(IterableDataset):
 
     def _stream_seed(self) -> int:
         worker, _ = _worker_index()
-        return hash((self.seed, self.rank, worker, self.epoch)) & 0x7FFFFFFF
+        # A resumed run draws a fresh stream (its seed includes the step it resumed at) instead of replaying the
+        # samples the first run already trained on since the start of the epoch.
+        return hash((self.seed, self.rank, worker, self.epoch, self.resumed_at)) & 0x7FFFFFFF
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream_seed = self._stream_seed()
@@ -148,6 +152,7 @@ class ShardDataModule(L.LightningDataModule):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.resumed_at = 0
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
 
@@ -199,8 +204,16 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             rank=rank,
+            resumed_at=self.resumed_at,
         )
         return self._loader(stream)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stored in checkpoints: the step the data stream had reached, so a resumed stream is a new one."""
+        return {"stream_step": self.trainer.global_step if self.trainer is not None else 0}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.resumed_at = int(state_dict.get("stream_step", 0))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:

@@ -1,0 +1,82 @@
+"""NaN/Inf guard: a step whose loss or gradients are not finite is not applied to the weights.
+
+Checked after backward, before the optimizer step, on the gradients every rank holds after DDP's all-reduce plus a
+max-reduced flag of each rank's loss, so all ranks skip (or stop) together and replicas never diverge. Under
+fp16 mixed precision the GradScaler already skips overflowing steps (that is its job), so the guard stands aside.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+log = logging.getLogger("gen_lightning")
+
+
+class NonFiniteGuard(L.Callback):
+    """Skips optimizer steps whose loss or gradients are NaN/Inf; stops after too many in a row.
+
+    Args:
+        policy: "skip": drop the step's update (its gradients are discarded, so AdamW leaves weights and moments
+            alone), count it in `train/nonfinite_steps` and warn. "stop": the same, but after `max_consecutive`
+            non-finite steps in a row, stop with an error (weights and the last checkpoint are still finite).
+        max_consecutive: K, the run of non-finite steps that stops training under policy "stop".
+    """
+
+    def __init__(self, policy: Literal["skip", "stop"] = "stop", max_consecutive: int = 10) -> None:
+        if policy not in ("skip", "stop"):
+            raise ValueError(f"nonfinite.policy={policy!r}: expected 'skip' or 'stop'")
+        if max_consecutive < 1:
+            raise ValueError(f"nonfinite.max_consecutive={max_consecutive}: must be >= 1")
+        self.policy = policy
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.in_a_row = 0
+        self._loss_finite = True
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return str(trainer.precision) != "16-mixed"
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()).all())
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        loss_finite, self._loss_finite = self._loss_finite, True  # reset for the next (accumulated) step
+        if not self._active(trainer):
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = not loss_finite or any(not torch.isfinite(p.grad).all() for p in params)
+        flag = torch.tensor(float(bad), device=pl_module.device)
+        bad = bool(trainer.strategy.reduce(flag, reduce_op="max") > 0) if trainer.world_size > 1 else bad
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        self.skipped += int(bad)
+        pl_module.log("train/nonfinite_steps", float(self.skipped), on_step=True, on_epoch=False, rank_zero_only=True)
+        if not bad:
+            return
+        for param in params:
+            param.grad = None  # optimizers skip parameters without a gradient
+        log.warning(
+            "step %d: non-finite %s, update skipped (%d in a row, %d in total)",
+            trainer.global_step,
+            "loss" if not loss_finite else "gradients",
+            self.in_a_row,
+            self.skipped,
+        )
+        if self.policy == "stop" and self.in_a_row >= self.max_consecutive:
+            raise FloatingPointError(
+                f"non-finite loss/gradients for {self.in_a_row} optimizer steps in a row (up to step "
+                f"{trainer.global_step}); every one was skipped, so the weights and the last checkpoint are finite. "
+                "Lower model.lr, check the data, or set nonfinite.policy=skip / raise nonfinite.max_consecutive."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.in_a_row = int(state_dict.get("in_a_row", 0))

@@ -1,0 +1,124 @@
+"""Atomic checkpoints, auto-resume of a re-run fit command, and the NaN/Inf guard, through the real CLI."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from gen_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from gen_lightning.cli import main
+from tests.conftest import tiny_fit_args
+from tests.wandb_reader import history, run_id
+
+
+def fit(shards: Path, root: Path, *extra: str) -> None:
+    every_2 = ["--checkpoint.every_n_train_steps=2", "--trainer.log_every_n_steps=1"]
+    main(["fit", *tiny_fit_args(shards, root, *every_2, *extra)])
+
+
+NO_LOGGER = ["--trainer.logger=false", "--trainer.callbacks=[]"]  # the config's LR monitor needs a logger
+
+
+def last_checkpoint(root: Path) -> dict:
+    return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def wandb_runs(root: Path) -> list[Path]:
+    return sorted(root.glob("wandb/offline-run-*"))
+
+
+def test_rerunning_fit_resumes_step_optimizer_and_wandb_run(toy_shards, tmp_path, caplog):
+    fit(toy_shards, tmp_path, "--trainer.max_steps=4")
+    first = last_checkpoint(tmp_path)
+    assert first["global_step"] == 4 and first["ShardDataModule"]["stream_step"] == 4
+    with caplog.at_level(logging.INFO, logger="gen_lightning"):
+        fit(toy_shards, tmp_path, "--trainer.max_steps=8")
+    assert any("resuming from" in r.getMessage() and "(global_step 4)" in r.getMessage() for r in caplog.records)
+    second = last_checkpoint(tmp_path)
+    assert second["global_step"] == 8
+    # the optimizer continued (AdamW's step count), it was not rebuilt at the resume
+    adam_steps = {int(s["step"]) for s in second["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {8}
+    runs = wandb_runs(tmp_path)
+    assert len(runs) == 2 and run_id(runs[0]) == run_id(runs[1])
+    steps = [row["trainer/global_step"] for row in history(runs[1]) if "train/loss" in row]
+    assert steps and min(steps) >= 4  # the resumed run logs from where the first stopped
+
+    fit(toy_shards, tmp_path, "--trainer.max_steps=2", "--no-resume")
+    assert last_checkpoint(tmp_path)["global_step"] == 2
+    assert run_id(wandb_runs(tmp_path)[-1]) != run_id(runs[0])
+    (archive,) = (tmp_path / "checkpoints").glob("previous-*")  # the earlier run's checkpoints are kept aside
+    assert torch.load(archive / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_explicit_ckpt_path_wins_over_the_newest(toy_shards, tmp_path, caplog):
+    fit(toy_shards, tmp_path, "--trainer.max_steps=4", "--checkpoint.save_top_k=-1", *NO_LOGGER)
+    step2 = next((tmp_path / "checkpoints").glob("*step=2.ckpt"))
+    with caplog.at_level(logging.INFO):
+        fit(toy_shards, tmp_path, "--trainer.max_steps=6", f"--ckpt_path={step2}", *NO_LOGGER)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("resuming from" in m for m in messages)
+    assert any("Restored all states from the checkpoint" in m and str(step2) in m for m in messages)
+
+
+def test_atomic_save_and_resume_choice_skip_truncated_and_temp_files(tmp_path, caplog):
+    folder = tmp_path / "checkpoints"
+    io = AtomicCheckpointIO()
+    for step in (3, 7):
+        io.save_checkpoint({"global_step": step, "state_dict": {"w": torch.ones(2)}}, folder / f"step={step}.ckpt")
+    assert sorted(p.name for p in folder.iterdir()) == ["step=3.ckpt", "step=7.ckpt"]  # no temp file left behind
+    (folder / ".tmp-last.ckpt.123").write_bytes(b"partial")  # a save killed mid-write
+    complete = (folder / "step=7.ckpt").read_bytes()
+    (folder / "step=9.ckpt").write_bytes(complete[: len(complete) // 2])  # truncated by a non-atomic writer
+    with caplog.at_level(logging.WARNING, logger="gen_lightning"):
+        path, step = find_resume_checkpoint([folder])
+    assert (path.name, step) == ("step=7.ckpt", 7)
+    assert any("step=9.ckpt" in r.getMessage() and "not readable" in r.getMessage() for r in caplog.records)
+    assert not (folder / ".tmp-last.ckpt.123").exists()
+    assert find_resume_checkpoint([tmp_path / "nowhere"]) is None
+
+
+NAN_MODEL = "--model.class_path=tests.faulty_models.NaNLossDiffusion"
+
+
+def test_nan_steps_are_skipped_counted_and_logged(toy_shards, tmp_path):
+    fit(toy_shards, tmp_path, "--trainer.max_steps=6", NAN_MODEL, "--model.init_args.nan_steps=[2, 3]",
+        "--nonfinite.policy=skip")  # fmt: skip
+    state = last_checkpoint(tmp_path)
+    assert state["global_step"] == 6
+    assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+    (run,) = wandb_runs(tmp_path)
+    counts = {
+        row["trainer/global_step"]: row["train/nonfinite_steps"]
+        for row in history(run)
+        if "train/nonfinite_steps" in row
+    }
+    assert counts == {0: 0, 1: 0, 2: 1, 3: 2, 4: 2, 5: 2}
+    adam_steps = {int(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {4}  # 6 steps, 2 of them skipped: the optimizer applied 4 updates
+
+
+def test_nan_stop_policy_errors_after_k_in_a_row_and_keeps_the_last_good_checkpoint(toy_shards, tmp_path):
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row"):
+        fit(toy_shards, tmp_path, "--trainer.max_steps=20", NAN_MODEL, "--model.init_args.nan_from=4",
+            "--nonfinite.max_consecutive=3", "--checkpoint.save_top_k=-1", *NO_LOGGER)  # fmt: skip
+    state = last_checkpoint(tmp_path)
+    assert state["global_step"] == 6  # steps 4 and 5 were skipped, so the weights saved at 6 are those of step 4
+    at_4 = torch.load(next((tmp_path / "checkpoints").glob("*step=4.ckpt")), weights_only=True)["state_dict"]
+    for name, tensor in state["state_dict"].items():
+        assert torch.isfinite(tensor).all() or not tensor.is_floating_point()
+        if name.startswith("unet."):
+            assert torch.equal(tensor, at_4[name]), name
+
+
+def test_checkpoint_with_nan_weights_is_not_written(toy_shards, tmp_path, caplog):
+    """Weights that became non-finite outside the guard's reach never replace the last good checkpoint."""
+    poison = ["--trainer.callbacks+=tests.faulty_models.PoisonWeights", "--trainer.callbacks.step=4"]
+    with caplog.at_level(logging.ERROR, logger="gen_lightning"):
+        fit(toy_shards, tmp_path, "--trainer.max_steps=6", *NO_LOGGER, *poison)
+    assert last_checkpoint(tmp_path)["global_step"] == 2
+    refused = [r.getMessage() for r in caplog.records if "NaN/Inf weights" in r.getMessage()]
+    assert len(refused) >= 2  # step 4 and step 6, both the step checkpoint and last
