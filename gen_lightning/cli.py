@@ -60,6 +60,7 @@ def run_lightning_cli(args: Sequence[str]) -> None:
     from gen_lightning.callbacks import DataThroughput, NonFiniteGuard, RunCheckpoint
     from gen_lightning.data.datamodule import ShardDataModule
     from gen_lightning.models.base import GenerativeModule
+    from gen_lightning.slurm import slurm_launch_error
 
     class GenLightningCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -96,6 +97,8 @@ def run_lightning_cli(args: Sequence[str]) -> None:
                 ):
                     logger.init_args.save_dir = root  # the run's W&B files live with its checkpoints
                     Path(root).mkdir(parents=True, exist_ok=True)
+            if problem := slurm_launch_error(os.environ, config.trainer.devices, config.trainer.num_nodes):
+                raise SystemExit(f"gen-lightning: {problem}")
             if self.subcommand == "fit":
                 resume_from_run_folder(config, Path(root))
 

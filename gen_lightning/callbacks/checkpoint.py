@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gen_lightning.checkpointing import AtomicCheckpointIO
 
@@ -46,6 +47,21 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["gen_lightning_run"] = {"logger_ids": logger_run_ids(trainer)}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """SIGTERM (SLURM's time limit, a plain `kill`, a preempting scheduler) ends training through Lightning's
+        SIGTERMException; keep the work done since the last periodic checkpoint in `last`. Rank 0 writes without a
+        barrier: the other ranks may already be leaving, and DDP replicas hold the same weights."""
+        if not isinstance(exception, SIGTERMException) or self.dirpath is None:
+            return
+        if trainer.strategy.checkpoint_io.__class__ is not AtomicCheckpointIO:
+            log.warning("SIGTERM: no checkpoint written (sharded strategy; rely on periodic/SIGUSR1 checkpoints)")
+            return
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        if trainer.is_global_zero and not has_non_finite_weights(pl_module):
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+            log.warning("SIGTERM: saved %s at step %d before exiting", path, trainer.global_step)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # A diverged model must not replace the last good checkpoint (the resume point). DDP replicas hold equal
