@@ -1,0 +1,97 @@
+"""configs/trainer/ presets: each resolves through the CLI into the intended strategy and precision. The GPU ones
+are built here without a GPU (strategy objects only) and run for real by the GPU-only tests at the bottom."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
+
+from gen_lightning.cli import main
+from tests.conftest import REPO, tiny_fit_args
+
+PRESETS = sorted(p.stem for p in (REPO / "configs" / "trainer").glob("*.yaml"))
+
+
+def resolved_trainer(preset: str, capsys) -> dict:
+    experiment, trainer_preset = REPO / "configs" / "ddpm_emoji.yaml", REPO / "configs" / "trainer" / f"{preset}.yaml"
+    config = ["--config", str(experiment), "--config", str(trainer_preset)]
+    with pytest.raises(SystemExit):  # --print_config prints the merged config and exits
+        main(["fit", *config, "--print_config"])
+    # DeepSpeed's import prints "[date] [WARNING] ..." lines to stdout before the YAML
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("[")]
+    return yaml.safe_load("\n".join(printed))["trainer"]
+
+
+def build_strategy(value: str | dict) -> Strategy | str:
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=str | Strategy)
+    return parser.instantiate_classes(parser.parse_object({"strategy": value})).strategy
+
+
+def test_the_presets_are_there():
+    assert PRESETS == ["cpu", "ddp-bf16", "deepspeed-zero2", "deepspeed-zero3", "fsdp"]
+
+
+def test_cpu_preset_runs_a_fit(toy_shards, tmp_path):
+    main(["fit", *tiny_fit_args(toy_shards, tmp_path), "--config", str(REPO / "configs/trainer/cpu.yaml"),
+          "--trainer.fast_dev_run=2"])  # fmt: skip
+
+
+def test_ddp_bf16_preset(capsys):
+    trainer = resolved_trainer("ddp-bf16", capsys)
+    assert (trainer["accelerator"], trainer["precision"]) == ("gpu", "bf16-mixed")
+    strategy = build_strategy(trainer["strategy"])
+    assert isinstance(strategy, DDPStrategy) and not isinstance(strategy, FSDPStrategy)
+    kwargs = strategy._ddp_kwargs  # the rest are torch DDP's own defaults, filled in by the CLI
+    assert kwargs["gradient_as_bucket_view"] is True and kwargs["find_unused_parameters"] is False
+
+
+def test_fsdp_preset_wraps_the_blocks_our_models_are_made_of(capsys):
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from gen_lightning.models import DiffusionModel
+    from gen_lightning.nn.text import TextConfig, TextEncoder
+
+    trainer = resolved_trainer("fsdp", capsys)
+    assert (trainer["accelerator"], trainer["precision"]) == ("gpu", "bf16-mixed")
+    strategy = build_strategy(trainer["strategy"])
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD and strategy._state_dict_type == "full"
+    assert strategy.kwargs["use_orig_params"] is True
+    wrapped = set(strategy.kwargs["auto_wrap_policy"]._module_classes)
+    model = DiffusionModel(unet={"channels": [8, 16], "attention_levels": [1], "num_heads": 2}, image_size=16)
+    text = TextEncoder(TextConfig(context_length=8, width=16, layers=1, heads=2))
+    present = {type(m) for m in [*model.modules(), *text.modules()]}
+    assert wrapped <= present, f"wrap policy names classes the models no longer use: {wrapped - present}"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_presets(stage, capsys):
+    trainer = resolved_trainer(f"deepspeed-zero{stage}", capsys)
+    assert (trainer["accelerator"], trainer["precision"]) == ("gpu", "bf16-mixed")
+    strategy = build_strategy(trainer["strategy"])
+    assert isinstance(strategy, DeepSpeedStrategy)
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == stage and zero["overlap_comm"] and zero["contiguous_gradients"]
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+
+
+@needs_gpu
+@pytest.mark.parametrize("preset", ["ddp-bf16", "deepspeed-zero2"])
+def test_gpu_fit_with_preset(preset, toy_shards, tmp_path):
+    """A real bf16 fit of the diffusion config on one GPU; a subprocess, so DeepSpeed/NCCL state does not leak."""
+    preset_file = str(REPO / "configs" / "trainer" / f"{preset}.yaml")
+    args = [*tiny_fit_args(toy_shards, tmp_path), "--config", preset_file, "--trainer.devices=1",
+            "--trainer.max_steps=20", "--trainer.logger=false", "--trainer.callbacks=[]"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "gen_lightning.cli", "fit", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
