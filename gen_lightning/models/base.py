@@ -28,8 +28,9 @@ class GenerativeModule(L.LightningModule):
             lr=hp.lr,
             betas=tuple(hp.adam_betas),
             weight_decay=hp.weight_decay,
-            # The fused kernel exists on CPU and CUDA in this torch and is the fastest AdamW on both.
-            fused=True,
+            # The fused kernel exists on CPU and CUDA in this torch and is the fastest AdamW on both
+            # (bench/speed_features.py); models may expose `fused_adamw` to switch it off.
+            fused=bool(hp.get("fused_adamw", True)),
         )
         warmup = max(0, int(hp.warmup_steps))
         total = self.trainer.estimated_stepping_batches if hp.lr_schedule == "cosine" else None

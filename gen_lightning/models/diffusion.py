@@ -27,6 +27,9 @@ class DiffusionModel(GenerativeModule):
         ema_max_decay / ema_power: EMA with warm-up (see nn.ema); samples come from the EMA weights.
         sampler / sample_steps / eta / clip_sample: defaults of `sample()`.
         channels_last: NHWC memory layout for the UNet (faster convolutions on CPU and on tensor cores).
+        compile: torch.compile the UNet in place (same parameter names, so checkpoints are unchanged; the first steps
+            pay the compilation).
+        fused_adamw: AdamW's fused kernel (one kernel for all parameters) instead of the per-tensor loop.
     """
 
     def __init__(
@@ -51,6 +54,8 @@ class DiffusionModel(GenerativeModule):
         eta: float = 0.0,
         clip_sample: float | None = 1.0,
         channels_last: bool = False,
+        compile: bool = False,
+        fused_adamw: bool = True,
     ) -> None:
         super().__init__()
         unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())
@@ -64,6 +69,10 @@ class DiffusionModel(GenerativeModule):
         self.sample_shape = (unet_config.in_channels, image_size, image_size)  # what the sampler draws
 
     # --- training -------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.compile and not getattr(self.unet, "_compiled_call_impl", None):
+            self.unet.compile()
+
     def on_fit_start(self) -> None:
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)

@@ -60,13 +60,28 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class Attention(nn.Module):
-    """Multi-head attention over tokens via `scaled_dot_product_attention`; cross-attention when context_dim is set."""
+ATTENTION_BACKENDS = ("sdpa", "math")
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(QKᵀ/√d)V written out: the reference SDPA is measured against (bench/speed_features.py)."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+class Attention(nn.Module):
+    """Multi-head attention over tokens via `scaled_dot_product_attention` (fused flash / memory-efficient kernels;
+    backend="math" writes it out); cross-attention when context_dim is set."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, backend: str = "sdpa") -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={heads}")
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: expected one of {ATTENTION_BACKENDS}")
+        self.backend = backend
         self.heads = heads
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
@@ -81,19 +96,22 @@ class Attention(nn.Module):
         q, k, v = (z.reshape(n, -1, self.heads, dim // self.heads).transpose(1, 2) for z in (q, k, v))
         # context_mask: [N, L_ctx] True where a token is real; padding must not receive attention.
         mask = None if context_mask is None else context_mask[:, None, None, :]
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.backend == "sdpa":
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            h = math_attention(q, k, v, mask)
         return self.out(h.transpose(1, 2).reshape(n, length, dim))
 
 
 class SpatialAttention(nn.Module):
     """Self-attention over the H×W positions of a feature map, then optional cross-attention to a context sequence."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int | None = None) -> None:
+    def __init__(self, channels: int, heads: int, context_dim: int | None = None, backend: str = "sdpa") -> None:
         super().__init__()
         self.norm = group_norm(channels)
-        self.self_attn = Attention(channels, heads)
+        self.self_attn = Attention(channels, heads, backend=backend)
         self.cross_norm = nn.LayerNorm(channels) if context_dim else None
-        self.cross_attn = Attention(channels, heads, context_dim) if context_dim else None
+        self.cross_attn = Attention(channels, heads, context_dim, backend) if context_dim else None
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None

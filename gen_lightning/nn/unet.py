@@ -21,7 +21,8 @@ class UNetConfig(NetConfig):
 
     attention_levels: indices of the levels that get self-attention (and cross-attention when context_dim is set);
     the middle block always has attention. cond_dim: width of an extra per-sample embedding added to the time
-    embedding (actions, classes); 0 disables it.
+    embedding (actions, classes); 0 disables it. attention: "sdpa" (torch's fused scaled_dot_product_attention) or
+    "math" (written out; for comparison). gradient_checkpointing: recompute block activations in backward.
     """
 
     in_channels: int = 3
@@ -34,6 +35,7 @@ class UNetConfig(NetConfig):
     context_dim: int | None = None
     cond_dim: int = 0
     gradient_checkpointing: bool = False
+    attention: str = "sdpa"
 
 
 class UNet(nn.Module):
@@ -53,7 +55,7 @@ class UNet(nn.Module):
         self.stem = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
 
         def attention(ch: int) -> SpatialAttention:
-            return SpatialAttention(ch, config.num_heads, config.context_dim)
+            return SpatialAttention(ch, config.num_heads, config.context_dim, config.attention)
 
         self.down = nn.ModuleList()
         skip_widths = [widths[0]]
