@@ -16,6 +16,7 @@ import importlib
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -47,7 +48,7 @@ def model_kwargs() -> dict:
     return yaml.safe_load(CONFIG.read_text())["model"]["init_args"]
 
 
-def bare_loop(data_dir: str, steps: int, batch_size: int) -> list[float]:
+def bare_loop(data_dir: str, steps: int, batch_size: int, image_size: int = 32) -> list[float]:
     """What a user would write by hand: the same pieces, no framework."""
     from gen_lightning.data.datamodule import ShardDataModule
     from gen_lightning.diffusion import DiffusionLoss, NoiseSchedule
@@ -66,7 +67,7 @@ def bare_loop(data_dir: str, steps: int, batch_size: int) -> list[float]:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=kw["lr"], fused=True)
     warmup = kw["warmup_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    data = ShardDataModule(train=data_dir, image_size=32, batch_size=batch_size, num_workers=2)
+    data = ShardDataModule(train=data_dir, image_size=image_size, batch_size=batch_size, num_workers=2)
     data.setup("fit")
     times, last = [], None
     loader = iter(data.train_dataloader())
@@ -94,7 +95,8 @@ def bare_loop(data_dir: str, steps: int, batch_size: int) -> list[float]:
     return times
 
 
-def lightning_fit(data_dir: str, steps: int, batch_size: int, root: str) -> list[float]:
+def lightning_fit(data_dir: str, steps: int, batch_size: int, *extra: str) -> list[float]:
+    """Step times of `gen-lightning fit` on the demo config (+ `extra` CLI arguments), in a fresh run folder."""
     from gen_lightning.cli import main
 
     # The CLI imports this file as `bench.overhead`, a different module object than `__main__`: use that one's class.
@@ -105,7 +107,7 @@ def lightning_fit(data_dir: str, steps: int, batch_size: int, root: str) -> list
             "fit",
             "--config",
             str(CONFIG),
-            f"--trainer.default_root_dir={root}",
+            f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='bench_fit_')}",  # fresh: nothing to resume
             f"--trainer.max_steps={steps}",
             "--trainer.limit_val_batches=0",
             "--trainer.enable_progress_bar=false",
@@ -115,16 +117,17 @@ def lightning_fit(data_dir: str, steps: int, batch_size: int, root: str) -> list
             # the grid callback is part of the demo, not of a training step
             "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.LearningRateMonitor}, "
             "{class_path: bench.overhead.StepTimer}]",
+            *extra,
         ]
     )
     return list(timer.times)
 
 
-def data_rate(data_dir: str, batch_size: int, batches: int = 60) -> float:
+def data_rate(data_dir: str, batch_size: int, image_size: int = 32, batches: int = 60) -> float:
     """Samples/s decoded by ONE worker process."""
     from gen_lightning.data.datamodule import ShardDataModule
 
-    data = ShardDataModule(train=data_dir, image_size=32, batch_size=batch_size, num_workers=1)
+    data = ShardDataModule(train=data_dir, image_size=image_size, batch_size=batch_size, num_workers=1)
     data.setup("fit")
     loader = iter(data.train_dataloader())
     next(loader)  # worker start-up
@@ -146,22 +149,21 @@ def main() -> None:
     bare, framework = [], []
     for i in range(args.repeats):
         bare.append(statistics.median(bare_loop(args.data, args.steps, args.batch_size)[WARMUP:]))
-        framework.append(
-            statistics.median(
-                lightning_fit(args.data, args.steps, args.batch_size, f"/tmp/bench_overhead_{i}")[WARMUP:]
-            )
-        )
+        framework.append(statistics.median(lightning_fit(args.data, args.steps, args.batch_size)[WARMUP:]))
         print(f"repeat {i}: bare {bare[-1]:.4f} s/step, gen-lightning fit {framework[-1]:.4f} s/step")
     step = statistics.median(bare)
     ratio = statistics.median(framework) / step
-    per_worker = data_rate(args.data, args.batch_size)
-    consumption = args.batch_size / step
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
     print(f"step time ratio gen-lightning fit / bare loop: {ratio:.3f}  (goal <= 1.03)")
-    print(
-        f"data: {per_worker:.0f} samples/s per worker vs {consumption:.0f} samples/s consumed by training: "
-        f"{per_worker / consumption:.1f}x  (goal >= 5x)"
-    )
+    for size in (32, 64):
+        # the same UNet's bare step at this size is what training consumes
+        size_step = step if size == 32 else statistics.median(bare_loop(args.data, 30, args.batch_size, size)[WARMUP:])
+        per_worker = data_rate(args.data, args.batch_size, size)
+        consumption = args.batch_size / size_step
+        print(
+            f"data at {size}²: {per_worker:.0f} samples/s per worker vs {consumption:.0f} samples/s consumed by "
+            f"training ({size_step:.3f} s/step): {per_worker / consumption:.1f}x  (goal >= 5x)"
+        )
 
 
 if __name__ == "__main__":

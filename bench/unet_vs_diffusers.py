@@ -1,0 +1,180 @@
+"""Our UNet and DDIM sampler vs diffusers' UNet2DModel and DDIMScheduler at an equal configuration, in one run.
+
+    .venv/bin/pip install -e .[bench]      # diffusers: a bench-only extra (pulls no torchvision, no other torch)
+    .venv/bin/python -m bench.unet_vs_diffusers [--batch 32] [--size 32] [--repeats 3]
+
+Configuration: the `configs/ddpm_emoji.yaml` UNet (widths 32/64/64, one residual block per level, attention only in
+the middle block, 4 heads, AdaGN "scale_shift" time conditioning) and diffusers' UNet2DModel with the same widths,
+blocks, heads, group norm and time-embedding width; both parameter counts are printed. Each side runs in its
+best layout (ours: channels_last as configured; diffusers: its default NCHW and, for fairness, channels_last too).
+
+1. Training step: forward + MSE loss + backward + fused AdamW step, batch `--batch` at `--size`², median step time.
+2. Sampling: 50 DDIM steps (η=0) for `--batch` images: our `DiffusionModel.sample` vs diffusers' DDIMScheduler
+   driving its UNet2DModel (the DDIMPipeline loop), plus DDIMScheduler driving OUR UNet to isolate sampler overhead.
+Runs alternate between the sides `--repeats` times so drift of a shared machine hits both. Prints time ratios
+(ours / diffusers; goal ≤ 0.9). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from gen_lightning.models import DiffusionModel
+
+WIDTHS = (32, 64, 64)
+HEADS = 4
+
+
+def ours(size: int) -> DiffusionModel:
+    model = DiffusionModel(
+        unet={"channels": list(WIDTHS), "num_res_blocks": 1, "attention_levels": [], "num_heads": HEADS},
+        image_size=size,
+        schedule="linear",
+        prediction_type="epsilon",
+        channels_last=True,
+    )
+    return model.to(memory_format=torch.channels_last)
+
+
+def diffusers_unet(size: int) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=WIDTHS,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * len(WIDTHS),
+        up_block_types=("UpBlock2D",) * len(WIDTHS),
+        attention_head_dim=WIDTHS[-1] // HEADS,  # mid-block attention: 4 heads of 16, as ours
+        norm_num_groups=32,
+        resnet_time_scale_shift="scale_shift",  # AdaGN, as our ResBlock
+        add_attention=True,
+    )
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def median_time(fn: Callable[[], None], steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_step_fn(net: Callable, params, x: torch.Tensor, call: Callable) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    t = torch.randint(0, 1000, (x.shape[0],))
+
+    def step() -> None:
+        loss = torch.nn.functional.mse_loss(call(net, x, t), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def scheduler_sampling_fn(call: Callable, net: nn.Module, shape: tuple[int, ...], steps: int, channels_last: bool):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+
+    @torch.no_grad()
+    def sample() -> None:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            out = call(net, x, t.expand(shape[0]))
+            x = scheduler.step(out, t, x, eta=0.0).prev_sample
+
+    return sample
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=15)
+    parser.add_argument("--sample-steps", type=int, default=50)
+    ns = parser.parse_args()
+    torch.manual_seed(0)
+    model = ours(ns.size)
+    unet, theirs = model.unet, diffusers_unet(ns.size)
+    theirs_cl = diffusers_unet(ns.size).to(memory_format=torch.channels_last)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}; batch {ns.batch} at {ns.size}²")  # fmt: skip
+    print(f"parameters: ours {count(unet):,}  diffusers UNet2DModel {count(theirs):,}")
+
+    x = torch.randn(ns.batch, 3, ns.size, ns.size)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def call_ours(net, inp, t):
+        return net(inp, t)
+
+    def call_diffusers(net, inp, t):
+        return net(inp, t).sample
+
+    shape = (ns.batch, 3, ns.size, ns.size)
+    cases: dict[str, Callable[[], None]] = {
+        "train ours (channels_last)": train_step_fn(unet, unet.parameters(), x_cl, call_ours),
+        "train diffusers (NCHW)": train_step_fn(theirs, theirs.parameters(), x, call_diffusers),
+        "train diffusers (channels_last)": train_step_fn(theirs_cl, theirs_cl.parameters(), x_cl, call_diffusers),
+        "sample ours (DiffusionModel.sample, DDIM)": lambda: model.sample(
+            ns.batch, steps=ns.sample_steps, sampler="ddim", use_ema=False
+        ),
+        "sample diffusers (DDIMScheduler + UNet2DModel)": scheduler_sampling_fn(
+            call_diffusers, theirs, shape, ns.sample_steps, channels_last=False
+        ),
+        "sample diffusers (DDIMScheduler + UNet2DModel, channels_last)": scheduler_sampling_fn(
+            call_diffusers, theirs_cl, shape, ns.sample_steps, channels_last=True
+        ),
+        "sample DDIMScheduler + OUR UNet": scheduler_sampling_fn(
+            call_ours, unet, shape, ns.sample_steps, channels_last=True
+        ),
+    }
+    results: dict[str, list[float]] = {name: [] for name in cases}
+    for repeat in range(ns.repeats):
+        for name, fn in cases.items():
+            train = name.startswith("train")
+            seconds = median_time(fn, ns.train_steps if train else 1, warmup=3 if train else 1)
+            results[name].append(seconds)
+            print(f"repeat {repeat} {name}: {seconds:.4f} s")
+    med = {name: statistics.median(values) for name, values in results.items()}
+    print("\n| case | median s | runs |\n|---|---|---|")
+    for name, value in med.items():
+        print(f"| {name} | {value:.4f} | {', '.join(f'{v:.4f}' for v in results[name])} |")
+    best_train = min(med["train diffusers (NCHW)"], med["train diffusers (channels_last)"])
+    best_sample = min(
+        med["sample diffusers (DDIMScheduler + UNet2DModel)"],
+        med["sample diffusers (DDIMScheduler + UNet2DModel, channels_last)"],
+    )
+    train_ratio = med["train ours (channels_last)"] / best_train
+    print(f"\ntrain step ratio ours / best diffusers: {train_ratio:.3f} (goal ≤ 0.9)")
+    sample_ratio = med["sample ours (DiffusionModel.sample, DDIM)"] / best_sample
+    print(f"50-step DDIM sampling ratio ours / best diffusers: {sample_ratio:.3f} (goal ≤ 0.9)")
+    overhead = med["sample ours (DiffusionModel.sample, DDIM)"] / med["sample DDIMScheduler + OUR UNet"]
+    print(f"same UNet, our sampler / DDIMScheduler: {overhead:.3f}")
+
+
+if __name__ == "__main__":
+    main()
