@@ -314,7 +314,15 @@ def evaluate_main(args: Sequence[str]) -> None:
 
     model = load_model(ns.ckpt).to(ns.device)
     image_size = int(model.hparams.image_size)
-    data = ShardDataModule(val=ns.data, image_size=image_size, batch_size=ns.batch_size, num_workers=ns.num_workers)
+    text_conditioned = bool(getattr(model, "text_conditioned", False))
+    data = ShardDataModule(
+        val=ns.data,
+        image_size=image_size,
+        batch_size=ns.batch_size,
+        num_workers=ns.num_workers,
+        # no Trainer to ask: an uncaptioned val sample would otherwise become an empty prompt
+        require_captions=text_conditioned,
+    )
     data.setup("validate")
     extractor = FIDInceptionV3(ns.weights)
     metrics = GenerativeMetrics(extractor, kid=not ns.no_kid).to(ns.device)
@@ -322,7 +330,7 @@ def evaluate_main(args: Sequence[str]) -> None:
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
     cached = fill_reference(metrics, data.val_dataloader(), key, cache_dir, rank=0, max_real=ns.max_real)
     # Text-to-image models are prompted with the reference captions, so both sides describe the same things.
-    prompts = val_captions(data.val_dataloader()) if getattr(model, "text_conditioned", False) else None
+    prompts = val_captions(data.val_dataloader()) if text_conditioned else None
     clip_score = clip_score_for(model, ns.clip, "--clip")
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
     kwargs = {"guidance": ns.guidance} if ns.guidance is not None else {}
@@ -375,5 +383,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"gen-lightning: unknown command {command!r}")
 
 
+def console_main() -> None:
+    """The `gen-lightning` console script: bad input ends with one line naming the culprit, not a traceback."""
+    from gen_lightning.errors import UserInputError
+
+    try:
+        main()
+    except UserInputError as error:
+        sys.exit(f"gen-lightning: error: {error}")
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -88,3 +88,13 @@ def test_print_config_shows_the_resolved_config(capsys):
     assert "max_steps: 7" in printed
     assert "class_path: gen_lightning.models.DiffusionModel" in printed
     assert "prediction_type: v" in printed
+
+
+def test_console_script_reports_bad_input_in_one_line(tmp_path, monkeypatch):
+    from gen_lightning.cli import console_main
+
+    missing = tmp_path / "missing.ckpt"
+    monkeypatch.setattr("sys.argv", ["gen-lightning", "sample", f"--ckpt={missing}", f"--out={tmp_path / 'g.png'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code == f"gen-lightning: error: checkpoint {str(missing)!r} does not exist"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,16 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gen_lightning.data.decode import ImageTransform, count_and_continue, decode_and_batch
+from gen_lightning.data.decode import ImageTransform, SkipCounter, decode_and_batch, read_tar_samples
 from gen_lightning.data.urls import ShardPatternError, expand_pattern, split_urls
 
 log = logging.getLogger(__name__)
+
+
+def model_trains_on_captions(model: Any) -> bool:
+    """Text-to-image models (`text_conditioned`) and CLIP (`trains_on_captions`) learn from the caption: a missing one
+    must not reach them as "" (it would teach that "" describes the image)."""
+    return bool(getattr(model, "text_conditioned", False) or getattr(model, "trains_on_captions", False))
 
 
 def _worker_index() -> tuple[int, int]:
@@ -48,6 +55,9 @@ class TrainStream(IterableDataset):
         seed: int,
         rank: int,
         resumed_at: int = 0,
+        require_caption: bool = False,
+        max_skips_in_a_row: int | None = None,
+        source: str = "data.train",
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -59,6 +69,9 @@ class TrainStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.resumed_at = resumed_at
+        self.require_caption = require_caption
+        self.max_skips_in_a_row = max_skips_in_a_row
+        self.source = source
         self.epoch = 0  # advances inside each (persistent) worker; a fresh worker would otherwise replay epoch 0
 
     def __len__(self) -> int:
@@ -80,10 +93,11 @@ class TrainStream(IterableDataset):
             while True:
                 yield {"url": shard_rng.choice(self.urls)}
 
-        samples = wds.tarfile_to_samples(handler=count_and_continue)(resampled_shards())
+        skips = SkipCounter(self.source, self.max_skips_in_a_row)  # endless stream: must not spin on bad data
+        samples = read_tar_samples(resampled_shards(), skips)
         if self.shuffle_buffer > 1:
             samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
-        batches = decode_and_batch(samples, self.transform, self.batch_size, rng, partial=False)
+        batches = decode_and_batch(samples, self.transform, self.batch_size, rng, False, skips, self.require_caption)
         for _, batch in zip(range(self.batches_per_worker), batches, strict=False):
             yield batch
 
@@ -95,17 +109,31 @@ class ValStream(IterableDataset):
     asks torch.distributed or $RANK from inside the worker process, where neither is reliably set.
     """
 
-    def __init__(self, urls: list[str], transform: ImageTransform, batch_size: int, rank: int, world: int) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        transform: ImageTransform,
+        batch_size: int,
+        rank: int,
+        world: int,
+        require_caption: bool = False,
+        source: str = "data.val",
+    ) -> None:
         super().__init__()
         self.urls = urls[rank::world]
         self.transform = transform
         self.batch_size = batch_size
+        self.require_caption = require_caption
+        self.source = source
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker_index()
         shards = ({"url": url} for url in self.urls[worker::num_workers])
-        samples = wds.tarfile_to_samples(handler=count_and_continue)(shards)
-        yield from decode_and_batch(samples, self.transform, self.batch_size, random.Random(0), partial=True)
+        skips = SkipCounter(self.source)  # finite: ends by itself even if every sample is skipped
+        samples = read_tar_samples(shards, skips)
+        yield from decode_and_batch(
+            samples, self.transform, self.batch_size, random.Random(0), True, skips, self.require_caption
+        )
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -123,6 +151,10 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: samples held for shuffling in each worker (0 or 1 disables).
         random_crop / random_flip: augmentations for training (val always center-crops, never flips).
         seed: base seed of shard resampling and shuffling.
+        require_captions: skip (and count) samples whose caption is missing or blank. None: when the model trains on
+            captions (text-to-image, CLIP); unconditional models keep such samples, with caption "".
+        max_skips_in_a_row: training stops with an error naming data.train after this many unusable samples in a
+            row (the resampled stream is endless: data with nothing usable would otherwise hang the run).
     """
 
     def __init__(
@@ -138,6 +170,8 @@ class ShardDataModule(L.LightningDataModule):
         random_crop: bool = False,
         random_flip: bool = False,
         seed: int = 0,
+        require_captions: bool | None = None,
+        max_skips_in_a_row: int = 10_000,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -152,6 +186,8 @@ class ShardDataModule(L.LightningDataModule):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.require_captions = require_captions
+        self.max_skips_in_a_row = max_skips_in_a_row
         self.resumed_at = 0
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
@@ -163,6 +199,12 @@ class ShardDataModule(L.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
+
+    def captions_required(self) -> bool:
+        if self.require_captions is not None:
+            return self.require_captions
+        trainer = self.trainer
+        return trainer is not None and model_trains_on_captions(trainer.lightning_module)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train and stage in (None, "fit"):
@@ -205,6 +247,9 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             resumed_at=self.resumed_at,
+            require_caption=self.captions_required(),
+            max_skips_in_a_row=self.max_skips_in_a_row,
+            source=f"data.train={self.train!r}",
         )
         return self._loader(stream)
 
@@ -214,12 +259,24 @@ class ShardDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.resumed_at = int(state_dict.get("stream_step", 0))
+        # Lightning then warns that a mid-epoch resume with a non-resumable loader "can cause unreliable results":
+        # it means replaying the epoch's first samples, which the reseeded stream above does not do.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []
         rank, world = self._distributed()
-        return self._loader(ValStream(self.val_urls, ImageTransform(self.image_size), self.val_batch_size, rank, world))
+        stream = ValStream(
+            self.val_urls,
+            ImageTransform(self.image_size),
+            self.val_batch_size,
+            rank,
+            world,
+            require_caption=self.captions_required(),
+            source=f"data.val={self.val!r}",
+        )
+        return self._loader(stream)
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         return DataLoader(

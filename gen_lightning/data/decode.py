@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from gen_lightning.errors import UserInputError
 from gen_lightning.images import pil_to_tensor
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def record_skip(reason: str, where: str) -> None:
     if _warned < MAX_WARNINGS_PER_PROCESS:
         _warned += 1
         suffix = " (further warnings suppressed)" if _warned == MAX_WARNINGS_PER_PROCESS else ""
-        log.warning("skipping sample %s: %s%s", where, reason, suffix)
+        log.warning("skipping %s: %s%s", where, reason, suffix)
 
 
 def drain_skipped() -> int:
@@ -49,26 +50,91 @@ def drain_skipped() -> int:
     return total
 
 
-_URL_IN_ERROR = re.compile(r"name='([^']*)'")
-_last_broken_stream: str | None = None
+class UnusableDataError(UserInputError):
+    """A stream that only skips: the data cannot feed this model. The message names the source and the last reason."""
 
 
-def count_and_continue(exn: Exception) -> bool:
-    """webdataset handler for errors while reading a tar (truncated member, unreadable shard): count and go on.
+_MEMBER_ERROR = re.compile(r" @ (<.*>)$", re.DOTALL)  # webdataset's suffix: " @ <the shard's file object>"
+_FILE_NAME = re.compile(r"name='([^']*)'")
+_REPEATED_MEMBER = re.compile(r"^(\S+): duplicate file name in tar file")
 
-    webdataset reports one broken member twice (from the member loop, then again from the shard loop that owns the
-    stream), so a repeat for the same file right after the first report is not counted again.
+
+class SkipCounter:
+    """Counts what one stream skips (via record_skip) and stops a stream that skips and never yields.
+
+    A resampled training stream is endless: if nothing in it is usable (every shard broken, no caption anywhere for a
+    text model) it would loop forever without producing a batch, a hang rather than an error. `limit` skips in a row,
+    with no usable sample between them, raise UnusableDataError instead. None (validation: finite) never raises.
     """
-    global _last_broken_stream
-    text = " ".join(str(arg) for arg in exn.args)
-    match = _URL_IN_ERROR.search(text)
-    stream = match.group(1) if match else (str(exn.args[-1]) if len(exn.args) > 2 else None)
-    if stream is not None and stream == _last_broken_stream:
-        _last_broken_stream = None
+
+    def __init__(self, source: str, limit: int | None = None) -> None:
+        self.source = source
+        self.limit = limit
+        self.in_a_row = 0
+        self._url = "?"  # shard of the tar member webdataset is grouping (its own errors there do not say)
+        self._member_error_stream: str | None = None
+
+    def skipped(self, reason: str, where: str) -> None:
+        record_skip(reason, where)
+        self.in_a_row += 1
+        if self.limit is not None and self.in_a_row >= self.limit:
+            raise UnusableDataError(
+                f"{self.source}: {self.in_a_row} samples in a row could not be used (the last: {where}: {reason}); "
+                "this data cannot feed this model. Fix or remove the shards, or raise data.max_skips_in_a_row if "
+                "long runs of bad samples are expected."
+            )
+
+    def used(self) -> None:
+        self.in_a_row = 0
+
+    def track(self, files: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Passes webdataset's member records through, remembering each one's shard for `tar_error`."""
+        for record in files:
+            self._url = record.get("__url__", self._url)
+            self._member_error_stream = None  # the shard read on after a member error: no repeat report will come
+            yield record
+
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset handler for errors while reading a tar (broken shard, truncated member, repeated member): count
+        once, name the shard, go on.
+
+        webdataset reports a broken member twice when the shard cannot be read on (from the member loop, its text
+        ending in " @ <file object>", then from the shard loop, with (stream, url) appended): only that immediate
+        repeat is dropped. A later report of the same shard (resampled again, next epoch) is a new skip.
+        """
+        if isinstance(exn, UnusableDataError):
+            raise exn  # our own stop, passing through webdataset's handlers (which would otherwise swallow it)
+        args = exn.args
+        message = str(args[0]) if args else type(exn).__name__
+        shard_level = len(args) >= 3 and isinstance(args[-1], str)  # tar_file_expander appended (stream, url)
+        if shard_level and self._member_error_stream is not None and str(args[-2]) == self._member_error_stream:
+            self._member_error_stream = None
+            return True
+        member_level = _MEMBER_ERROR.search(message)
+        self._member_error_stream = member_level.group(1) if member_level else None
+        if member_level:
+            name = _FILE_NAME.search(member_level.group(1))
+            url = name.group(1) if name else self._url
+            message = message[: member_level.start()]
+        else:
+            url = args[-1] if len(args) >= 2 and isinstance(args[-1], str) else self._url
+        repeated = _REPEATED_MEMBER.match(message)
+        if repeated:  # `a.png` twice in a row: webdataset keeps the first and raises for the second
+            reason = f"tar member {repeated.group(1)} repeats the one before it (the first copy is used)"
+        else:
+            reason = f"unreadable tar data ({type(exn).__name__}: {message})"
+        self.skipped(reason, f"data in shard {url}")
         return True
-    _last_broken_stream = stream
-    record_skip(f"unreadable tar data ({type(exn).__name__}: {exn.args[0] if exn.args else exn})", stream or "?")
-    return True
+
+
+def read_tar_samples(shards: Iterable[dict[str, str]], skips: SkipCounter) -> Iterator[dict[str, Any]]:
+    """webdataset's tarfile_to_samples (open, expand, group members by key), with `skips` as the error handler and
+    told which shard each member came from."""
+    from webdataset import tariterators
+
+    streams = tariterators.url_opener(shards, handler=skips.tar_error)
+    files = tariterators.tar_file_expander(streams, handler=skips.tar_error)
+    return tariterators.group_by_keys(skips.track(files), handler=skips.tar_error)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -88,7 +154,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Resize the shorter side to `size`, crop size×size (center or random), maybe flip; -> float [-1, 1] CHW."""
+    """Crop the largest square (center or random), resize it to size×size, maybe flip; -> float [-1, 1] CHW."""
 
     size: int
     random_crop: bool = False
@@ -97,24 +163,30 @@ class ImageTransform:
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         image = to_rgb(image)
         w, h = image.size
-        scale = self.size / min(w, h)
-        if scale != 1.0:
-            new_size = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
-            # LANCZOS with reducing_gap: antialiased downscaling (no aliasing on big images), fast on huge ones.
-            image = image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        w, h = image.size
+        side = min(w, h)
         if self.random_crop:
-            left, top = rng.randint(0, w - self.size), rng.randint(0, h - self.size)
+            left, top = rng.randint(0, w - side), rng.randint(0, h - side)
         else:
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
+            left, top = (w - side) // 2, (h - side) // 2
+        # Only the kept square is resized (`box`): resizing the whole image first would, for a thin strip (1×2,000,000
+        # pixels, a tiny PNG) scaled up to 64 px, allocate billions of pixels. LANCZOS with reducing_gap: antialiased
+        # downscaling (no aliasing on big images), fast on huge ones.
+        box = (left, top, left + side, top + side)
+        image = image.resize((self.size, self.size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
         if self.random_flip and rng.random() < 0.5:
             image = ImageOps.mirror(image)
         return pil_to_tensor(image)
 
 
-def decode_sample(raw: dict[str, Any], transform: ImageTransform, rng: random.Random) -> dict[str, Any]:
-    """Raw webdataset dict -> {"image", "caption", "__key__"}. Raises ValueError naming what is wrong."""
+def decode_sample(
+    raw: dict[str, Any], transform: ImageTransform, rng: random.Random, require_caption: bool = False
+) -> dict[str, Any]:
+    """Raw webdataset dict -> {"image", "caption", "meta", "__key__"}. Raises ValueError naming what is wrong.
+
+    `require_caption`: a missing or blank caption is an error (text-to-image models and CLIP would otherwise learn
+    from "" as if it described the image). The caption is checked first, so such samples cost no image decode.
+    """
+    caption = _caption(raw, require_caption)
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
         raise ValueError(f"no image member (looked for {', '.join(IMAGE_KEYS)}; found {sorted(raw)})")
@@ -124,16 +196,25 @@ def decode_sample(raw: dict[str, Any], transform: ImageTransform, rng: random.Ra
             tensor = transform(image, rng)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"{image_key} is not a decodable image ({err})") from err
-    caption = raw.get("txt", b"")
+    sample = {"image": tensor, "caption": caption, "meta": _metadata(raw), "__key__": raw.get("__key__", "")}
+    if LATENT_KEY in raw:  # pre-encoded shards (data.latent_source)
+        sample["latent"] = _latent(raw[LATENT_KEY])
+    return sample
+
+
+def _caption(raw: dict[str, Any], required: bool) -> str:
+    caption = raw.get("txt")
+    if caption is None and required:
+        raise ValueError("no caption (txt member) and this model trains on captions")
     if isinstance(caption, bytes):
         try:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"txt caption is not UTF-8 ({err})") from err
-    sample = {"image": tensor, "caption": caption.strip(), "meta": _metadata(raw), "__key__": raw.get("__key__", "")}
-    if LATENT_KEY in raw:  # pre-encoded shards (data.latent_source)
-        sample["latent"] = _latent(raw[LATENT_KEY])
-    return sample
+    caption = (caption or "").strip()
+    if not caption and required:
+        raise ValueError("empty caption (txt member is blank) and this model trains on captions")
+    return caption
 
 
 def _latent(data: bytes) -> torch.Tensor:
@@ -182,15 +263,18 @@ def decode_and_batch(
     batch_size: int,
     rng: random.Random,
     partial: bool,
+    skips: SkipCounter,
+    require_caption: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Decode samples (skipping and counting bad ones) and group them into dict batches."""
     batch: list[dict[str, Any]] = []
     for raw in raw_samples:
         try:
-            batch.append(decode_sample(raw, transform, rng))
+            batch.append(decode_sample(raw, transform, rng, require_caption))
         except ValueError as err:
-            record_skip(str(err), f"{raw.get('__key__', '?')} from {raw.get('__url__', '?')}")
+            skips.skipped(str(err), f"sample {raw.get('__key__', '?')} from {raw.get('__url__', '?')}")
             continue
+        skips.used()
         if len(batch) == batch_size:
             yield collate(batch)
             batch = []

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import braceexpand
 
+from gen_lightning.errors import UserInputError
+
 REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://")
 
 
-class ShardPatternError(ValueError):
+class ShardPatternError(UserInputError):
     """A shard pattern that cannot be used; the message names the pattern and what is wrong."""
 
 
@@ -22,13 +25,20 @@ def expand_pattern(pattern: str) -> list[str]:
     if not pattern or not pattern.strip():
         raise ShardPatternError("empty shard pattern")
     urls = [url for part in pattern.split("::") for url in braceexpand.braceexpand(part.strip())]
+    repeated = sorted(url for url, count in Counter(urls).items() if count > 1)
+    if repeated:  # usually two `::` parts that overlap; val would count those samples twice
+        raise ShardPatternError(f"shard pattern {pattern!r} lists {repeated[0]!r} more than once")
     local = [url.removeprefix("file:") for url in urls if not url.startswith(REMOTE_PREFIXES)]
-    missing = [url for url in local if not os.path.isfile(url)]
+    missing = [url for url in local if not os.path.exists(url)]
     if local and len(missing) == len(local):
         raise ShardPatternError(f"shard pattern {pattern!r} matches no file (first expanded: {urls[0]!r})")
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ShardPatternError(f"shard pattern {pattern!r}: {len(missing)} of {len(urls)} shards missing: {shown}")
+    not_files = [url for url in local if not os.path.isfile(url)]
+    if not_files:
+        kind = "a directory" if os.path.isdir(not_files[0]) else "not a regular file"
+        raise ShardPatternError(f"shard pattern {pattern!r}: {not_files[0]!r} is {kind}, not a tar shard")
     unreadable = [url for url in local if not os.access(url, os.R_OK)]
     if unreadable:
         raise ShardPatternError(f"shard pattern {pattern!r}: cannot read {unreadable[0]!r} (permissions)")

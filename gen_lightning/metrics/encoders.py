@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gen_lightning.errors import UserInputError
 from gen_lightning.metrics.clip_score import TextImageEncoder
 
 
-class EncoderPathError(ValueError):
+class EncoderPathError(UserInputError):
     """A path that is neither accepted form of a CLIP-score encoder; the message names the path and both forms."""
 
 

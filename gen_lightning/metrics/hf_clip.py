@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gen_lightning.errors import UserInputError
+
 # OpenAI CLIP's preprocessing: what CLIPImageProcessor uses when a directory has no preprocessor_config.json.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,7 +33,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
-class HuggingFaceCLIPError(ValueError):
+class HuggingFaceCLIPError(UserInputError):
     """A path that cannot serve as a Hugging Face CLIP; the message names the path and what is wrong."""
 
 

@@ -7,40 +7,82 @@ under `gen_lightning.models` are constructed, from the checkpoint's plain-typed 
 from __future__ import annotations
 
 import importlib
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
+from gen_lightning.errors import UserInputError
 from gen_lightning.models.base import GenerativeModule
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
     """A checkpoint that cannot be loaded; the message names the file and the reason."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise CheckpointError(f"checkpoint {str(path)!r} is {kind}, not a checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncation / foreign pickles
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(_refusal(path, err)) from err
+    except Exception as err:  # torch raises several types for truncated / non-torch files
         raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read weights-only ({type(err).__name__}: {str(err)[:300]}); "
-            "it is truncated, not a gen_lightning checkpoint, or needs arbitrary code to load"
+            f"checkpoint {str(path)!r} is truncated or corrupt, or not a torch checkpoint "
+            f"({type(err).__name__}: {_first_sentence(err)}); use a complete copy, or an earlier checkpoint"
         ) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_WEIGHTS_UNPICKLER = re.compile(r"WeightsUnpickler error: ([^\n]*)")
+
+
+def _refusal(path: Path, err: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler met something it will not build: say what, why, and the way out.
+
+    torch's own text is long and suggests `weights_only=False`, which is exactly what must not happen silently here.
+    """
+    text = str(err)
+    found = _UNSAFE_GLOBAL.search(text) or _WEIGHTS_UNPICKLER.search(text)
+    what = f"a pickled Python object ({found.group(1)})" if found else f"pickle data it cannot read ({text[:200]})"
+    return (
+        f"checkpoint {str(path)!r} was refused for safety: it contains {what}, and loading that would mean "
+        "unpickling arbitrary code, which gen_lightning never does (`sample`, `evaluate` and every model load use "
+        "torch.load(weights_only=True)). "
+        "Checkpoints written by `gen-lightning fit` contain only tensors and plain values. If you trust this file, "
+        "re-save it once in Python with those only: torch.load(path, weights_only=False), drop or convert the "
+        "object, torch.save(...). If the file may be truncated, use a complete copy."
+    )
+
+
+def _first_sentence(err: Exception) -> str:
+    text = str(err).strip() or "no detail"
+    return text.split(". ")[0][:200]
 
 
 def model_class(checkpoint: dict[str, Any], path: str | Path = "<checkpoint>") -> type[GenerativeModule]:
     meta = checkpoint.get("gen_lightning")
-    if not isinstance(meta, dict) or "class_path" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("class_path"), str):
         raise CheckpointError(f"checkpoint {str(path)!r} was not written by a gen_lightning model (no class_path)")
     module_name, _, class_name = meta["class_path"].rpartition(".")
     if not module_name.startswith("gen_lightning.models."):
         raise CheckpointError(f"checkpoint {str(path)!r} names {meta['class_path']!r}, not a gen_lightning model")
-    cls = getattr(importlib.import_module(module_name), class_name, None)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:  # written by another version of gen_lightning
+        raise CheckpointError(f"checkpoint {str(path)!r} names {meta['class_path']!r}, which does not exist") from err
+    cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, GenerativeModule)):
         raise CheckpointError(f"checkpoint {str(path)!r}: {meta['class_path']!r} is not a gen_lightning model class")
     return cls
@@ -66,9 +108,19 @@ def load_model(path: str | Path, expected: type[GenerativeModule] | None = None)
     cls = model_class(checkpoint, path)
     if expected is not None and not issubclass(cls, expected):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {cls.__name__}, expected a {expected.__name__}")
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    model = build_model(cls, hparams)
-    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    hparams = checkpoint.get("hyper_parameters", {})
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(hparams, dict) or not isinstance(state_dict, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks its hyper_parameters or state_dict")
+    try:
+        # The class named in the file with the file's arguments: a file relabelled (or written by another version)
+        # fails here or in load_state_dict, with a TypeError / RuntimeError that would not name the file.
+        model = build_model(cls, {k: v for k, v in hparams.items() if not k.startswith("_")})
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except CheckpointError:
+        raise  # a file this model loads in turn (e.g. a VAE): already named
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {cls.__name__}: {str(err)[:300]}") from err
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match {cls.__name__}: "
