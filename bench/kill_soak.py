@@ -78,33 +78,45 @@ def resumed_step(log_file: Path) -> int | None:
     return int(match.group(2)) if match else None
 
 
-def run_to_kill(command: list[str], log_file: Path, delay: float) -> bool:
-    """Starts the command, SIGKILLs it after `delay` s. False when it ended by itself first."""
+def run_to_kill(command: list[str], log_file: Path, delay: float, wait_for: Path | None = None) -> float | None:
+    """Starts the command and SIGKILLs it `delay` s after it starts (or, with `wait_for`, `delay` s after that file
+    appears). Returns the seconds it ran, or None when it ended by itself first."""
+    start = time.monotonic()
     with open(log_file, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=soak_env())
+        if wait_for is not None:
+            while not wait_for.exists() and process.poll() is None and time.monotonic() - start < 300:
+                time.sleep(0.1)
         try:
             process.wait(timeout=delay)
-            return False
+            return None
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
-            return True
+            return time.monotonic() - start
 
 
 def soak_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
-def soak(data: str, root: Path, kills: int, seed: int = 0, delays: tuple[float, float] = (1.0, 14.0)) -> SoakReport:
-    """`kills` rounds of start → random SIGKILL → integrity checks, then a final run to completion."""
+def soak(data: str, root: Path, kills: int, seed: int = 0) -> SoakReport:
+    """`kills` rounds of start → random SIGKILL → integrity checks, then a final run to completion.
+
+    Round 0 runs until its first checkpoint exists (plus up to 2 s), which measures this machine's start-up time T;
+    later rounds are killed uniformly within (0.3 s, T + 5 s): during start-up and resume, and during training and
+    checkpoint writes, whatever the machine's speed."""
     rng = random.Random(seed)
     report = SoakReport()
     endless = tiny_fit_command(data, root, max_steps=100_000)
-    newest = -1
+    newest, window = -1, 0.0
     for round_ in range(kills):
         log_file = root / f"round-{round_:03d}.log"
-        if not run_to_kill(endless, log_file, rng.uniform(*delays)):
+        first = root / "checkpoints" / "last.ckpt" if round_ == 0 else None
+        ran = run_to_kill(endless, log_file, rng.uniform(0.0, 2.0) if first else rng.uniform(0.3, window), first)
+        if ran is None:
             raise AssertionError(f"round {round_}: the fit ended before it was killed; see {log_file}")
+        window = window or ran + 5.0
         report.kills += 1
         report.kills_mid_save += any(root.glob("checkpoints/.tmp-*"))
         started_at = resumed_step(log_file)
