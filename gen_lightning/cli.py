@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import netrc
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 log = logging.getLogger("gen_lightning")
@@ -33,31 +31,12 @@ Tools:
 """
 
 
-# --- W&B: offline unless the user has credentials ---------------------------------------------------------------------
-def wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def default_wandb_mode() -> None:
-    """Compute nodes have no internet and often no W&B login: run offline (sync later with `wandb sync`) unless the
-    user has credentials. An explicit WANDB_MODE always wins."""
-    if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
-        os.environ["WANDB_MODE"] = "offline"
-        print("gen-lightning: no W&B credentials found, logging offline (WANDB_MODE=offline)", file=sys.stderr)
-
-
 # --- LightningCLI -----------------------------------------------------------------------------------------------------
 def run_lightning_cli(args: Sequence[str]) -> None:
     from jsonargparse import ActionYesNo
     from lightning.pytorch.cli import LightningCLI
 
-    from gen_lightning.callbacks import DataThroughput, NonFiniteGuard, RunCheckpoint
+    from gen_lightning.callbacks import DataThroughput, NonFiniteGuard, RunCheckpoint, SlurmRequeue
     from gen_lightning.data.datamodule import ShardDataModule
     from gen_lightning.models.base import GenerativeModule
     from gen_lightning.slurm import slurm_launch_error
@@ -65,10 +44,12 @@ def run_lightning_cli(args: Sequence[str]) -> None:
     class GenLightningCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data.image_size", "model.init_args.image_size")
-            # Always-on callbacks, configurable as top-level `checkpoint:` / `throughput:` / `nonfinite:` keys.
+            # Always-on callbacks, configured as top-level keys `checkpoint`, `throughput`, `nonfinite`, `requeue`.
             parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
             parser.add_lightning_class_args(DataThroughput, "throughput")
             parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+            # Inert outside a SLURM batch job; in one, SIGUSR1 means checkpoint, stop and requeue.
+            parser.add_lightning_class_args(SlurmRequeue, "requeue")
             parser.add_argument(
                 "--resume",
                 action=ActionYesNo(no_prefix="no-"),
@@ -101,6 +82,8 @@ def run_lightning_cli(args: Sequence[str]) -> None:
                 raise SystemExit(f"gen-lightning: {problem}")
             if self.subcommand == "fit":
                 resume_from_run_folder(config, Path(root))
+
+    from gen_lightning.wandb_run import default_wandb_mode, finish_wandb
 
     default_wandb_mode()
     cli = GenLightningCLI(
@@ -140,25 +123,6 @@ def resume_from_run_folder(config, root: Path) -> None:
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         if wandb_id and getattr(logger, "class_path", "").endswith("WandbLogger") and not logger.init_args.get("id"):
             logger.init_args.id = wandb_id  # WandbLogger passes resume="allow": the same run continues
-
-
-def finish_wandb(trainer) -> None:
-    """Close the W&B run when the command ends, so its files are complete when `gen-lightning fit` returns (and when
-    it is called in-process, e.g. from a notebook or a test), not only at interpreter exit.
-
-    `run.finish()` alone is not enough: it only *informs* wandb's service, which closes the run file asynchronously
-    (a small offline run file can still be the bare header when finish() returns). `wandb.teardown()` waits for the
-    service, so it runs once no other run of this process is active."""
-    import wandb
-    from lightning.pytorch.loggers import WandbLogger
-
-    finished = False
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
-            logger.experiment.finish()
-            finished = True
-    if finished and wandb.run is None:
-        wandb.teardown()
 
 
 # --- shards -----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,12 @@ the model is built, in the CLI's terms.
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
 from collections.abc import Mapping
+
+log = logging.getLogger("gen_lightning")
 
 
 def _as_count(devices: object) -> int | None:
@@ -54,3 +59,22 @@ def slurm_launch_error(env: Mapping[str, str], devices: object, num_nodes: int) 
             f"or submit with --nodes={num_nodes}."
         )
     return None
+
+
+def slurm_job_id(env: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """The id `scontrol requeue` takes: `ARRAYJOB_TASK` for an array task, else the job id; None outside a batch job
+    (also in `salloc` shells, which Lightning does not treat as SLURM either)."""
+    if "SLURM_JOB_ID" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env["SLURM_JOB_ID"]
+
+
+def requeue(job_id: str) -> bool:
+    done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if done.returncode != 0:
+        log.warning("scontrol requeue %s failed (%s): resubmit the same command to resume", job_id, done.stderr.strip())
+        return False
+    log.warning("requeued SLURM job %s", job_id)
+    return True

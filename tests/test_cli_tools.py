@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from gen_lightning.cli import default_wandb_mode, main
+from gen_lightning.cli import main
+from gen_lightning.wandb_run import default_wandb_mode
 from tests.conftest import REPO, shape_png
 
 

@@ -1,7 +1,8 @@
 from gen_lightning.callbacks.checkpoint import RunCheckpoint
 from gen_lightning.callbacks.evaluation import GenerativeEvaluation
 from gen_lightning.callbacks.nonfinite import NonFiniteGuard
+from gen_lightning.callbacks.requeue import SlurmRequeue
 from gen_lightning.callbacks.sample_grid import SampleGrid
 from gen_lightning.callbacks.throughput import DataThroughput
 
-__all__ = ["DataThroughput", "GenerativeEvaluation", "NonFiniteGuard", "RunCheckpoint", "SampleGrid"]
+__all__ = ["DataThroughput", "GenerativeEvaluation", "NonFiniteGuard", "RunCheckpoint", "SampleGrid", "SlurmRequeue"]

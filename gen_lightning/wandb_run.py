@@ -1,0 +1,45 @@
+"""W&B for runs on compute nodes: offline unless the user has credentials, and run files complete when fit ends."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from urllib.parse import urlparse
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def default_wandb_mode() -> None:
+    """Compute nodes have no internet and often no W&B login: run offline (sync later with `wandb sync`) unless the
+    user has credentials. An explicit WANDB_MODE always wins."""
+    if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        print("gen-lightning: no W&B credentials found, logging offline (WANDB_MODE=offline)", file=sys.stderr)
+
+
+def finish_wandb(trainer) -> None:
+    """Close the W&B run when the command ends, so its files are complete when `gen-lightning fit` returns (and when
+    it is called in-process, e.g. from a notebook or a test), not only at interpreter exit.
+
+    `run.finish()` alone is not enough: it only *informs* wandb's service, which closes the run file asynchronously
+    (a small offline run file can still be the bare header when finish() returns). `wandb.teardown()` waits for the
+    service, so it runs once no other run of this process is active."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    finished = False
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+            logger.experiment.finish()
+            finished = True
+    if finished and wandb.run is None:
+        wandb.teardown()
