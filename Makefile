@@ -10,7 +10,7 @@ EMOJI_TEST := /usr/share/unicode/emoji/emoji-test.txt
 DATA ?= data/emoji
 RUN ?= runs/ddpm_emoji
 
-.PHONY: setup demo clip text2image test lint clean
+.PHONY: setup demo clip text2image bench test lint clean
 
 setup: $(STAMP) $(FONT) $(EMOJI_TEST)
 
@@ -56,6 +56,15 @@ text2image: data/emoji_latents/manifest.json
 	$(VENV)/bin/gen-lightning sample --ckpt runs/ldm_emoji/checkpoints/last.ckpt --prompt "blue heart" \
 		--prompt "red circle" --prompt "cherries" --prompt "panda" --n 8 --guidance 3 --out runs/ldm_emoji/prompts.png
 	@echo "prompt grid: runs/ldm_emoji/prompts.png   W&B offline runs: runs/vae_emoji/wandb/ runs/ldm_emoji/wandb/"
+
+# Benchmarks that print ratios against a baseline run alongside (results: bench/RESULTS.md). diffusers is the
+# bench-only extra: never a runtime dependency.
+bench: setup $(DATA)/manifest.json
+	$(PIP) -e '.[dev,bench]'
+	$(PY) -m bench.overhead
+	$(PY) -m bench.unet_vs_diffusers
+	$(PY) -m bench.speed_features
+	$(PY) -m bench.kill_soak --kills 50 --root runs/kill_soak_$$(date +%Y%m%d%H%M%S)
 
 test: setup lint
 	$(PY) -m pytest -q -ra

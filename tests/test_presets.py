@@ -95,3 +95,13 @@ def test_gpu_fit_with_preset(preset, toy_shards, tmp_path):
                             text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_bf16_mixed_fit_with_gradient_clipping_on_cpu(toy_shards, tmp_path):
+    """The GPU presets' precision with the configs' gradient clipping: Lightning refuses to clip for a fused AdamW
+    under mixed precision, so the model must fall back to the foreach AdamW (this crashed at the first step)."""
+    main(["fit", *tiny_fit_args(toy_shards, tmp_path), "--trainer.precision=bf16-mixed", "--trainer.max_steps=2",
+          "--trainer.gradient_clip_val=1.0", "--trainer.logger=false", "--trainer.callbacks=[]"])  # fmt: skip
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2
+    assert state["optimizer_states"][0]["param_groups"][0]["fused"] is False

@@ -30,7 +30,7 @@ class GenerativeModule(L.LightningModule):
             weight_decay=hp.weight_decay,
             # The fused kernel exists on CPU and CUDA in this torch and is the fastest AdamW on both
             # (bench/speed_features.py); models may expose `fused_adamw` to switch it off.
-            fused=bool(hp.get("fused_adamw", True)),
+            fused=bool(hp.get("fused_adamw", True)) and not self._clipping_under_mixed_precision(),
         )
         warmup = max(0, int(hp.warmup_steps))
         total = self.trainer.estimated_stepping_batches if hp.lr_schedule == "cosine" else None
@@ -47,6 +47,13 @@ class GenerativeModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _clipping_under_mixed_precision(self) -> bool:
+        """Lightning refuses gradient clipping with an optimizer that "unscales gradients internally" (any fused
+        one) under *-mixed precision, even bf16 where nothing is scaled: the step would crash. Then AdamW runs its
+        multi-tensor (foreach) path instead, which is nearly as fast."""
+        trainer = self._trainer
+        return bool(trainer and "mixed" in str(trainer.precision) and trainer.gradient_clip_val)
 
     def update_ema(self, ema: EMA, model: torch.nn.Module) -> None:
         """Once per optimizer step (not per micro-batch under gradient accumulation)."""
