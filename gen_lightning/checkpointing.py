@@ -49,13 +49,10 @@ def fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
-def remove_stale_temp_files(folder: Path) -> int:
+def remove_stale_temp_files(folder: Path) -> None:
     """Temp files left by a process killed mid-save (never a complete checkpoint: those have been renamed)."""
-    removed = 0
     for temp in folder.glob(f"{TEMP_PREFIX}*"):
         temp.unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

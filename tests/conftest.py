@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,13 @@ def tiny_fit_args(shards: Path, root: Path, *extra: str, config: str = "configs/
         "--model.init_args.sample_steps=3",
         *extra,
     ]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar of exactly these (name, bytes) members, in this order (for malformed shards the writer refuses)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

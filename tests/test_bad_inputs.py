@@ -33,7 +33,7 @@ from gen_lightning.models.loading import CheckpointError, load_model
 from gen_lightning.models.vae import VAEModel
 from gen_lightning.nn.text import TextConfig
 from gen_lightning.nn.vision import VisionConfig
-from tests.conftest import save_checkpoint, toy_data_args, toy_samples
+from tests.conftest import save_checkpoint, toy_data_args, toy_samples, write_tar
 
 SIZE = 8  # output side: uniform test images keep their exact colour through the resize
 
@@ -62,15 +62,6 @@ def raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: byte
         + png_chunk(b"IDAT", zlib.compress(rows))
         + png_chunk(b"IEND", b"")
     )
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def captioned(key: str, color: tuple[int, int, int], caption: bytes) -> list[tuple[str, bytes]]:

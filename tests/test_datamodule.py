@@ -18,7 +18,7 @@ from gen_lightning.data.datamodule import ShardDataModule
 from gen_lightning.data.decode import ImageTransform, drain_skipped
 from gen_lightning.data.shard_writer import read_manifest
 from gen_lightning.data.urls import ShardPatternError, expand_pattern
-from tests.conftest import REPO, shape_png
+from tests.conftest import REPO, shape_png, write_tar
 
 
 def free_port() -> int:
@@ -66,14 +66,6 @@ def test_batches_are_dicts_in_range(toy_shards):
     assert -1.0 <= batch["image"].min() < 0.0 < batch["image"].max() <= 1.0
     assert all(isinstance(c, str) and c.split()[-1] in ("circle", "square") for c in batch["caption"])
     assert len(batch["__key__"]) == 5
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path):

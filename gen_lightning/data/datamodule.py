@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def model_trains_on_captions(model: Any) -> bool:
-    """Text-to-image models (`text_conditioned`) and CLIP (`trains_on_captions`) learn from the caption: a missing one
-    must not reach them as "" (it would teach that "" describes the image)."""
-    return bool(getattr(model, "text_conditioned", False) or getattr(model, "trains_on_captions", False))
+    """Text-to-image models and CLIP learn from the caption: a missing one must not reach them as "" (it would teach
+    that "" describes the image). Any LightningModule may declare it; gen_lightning's models do (models.base)."""
+    return bool(getattr(model, "trains_on_captions", False))
 
 
 def _worker_index() -> tuple[int, int]:

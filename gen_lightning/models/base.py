@@ -19,6 +19,10 @@ class GenerativeModule(L.LightningModule):
     """Subclasses call `save_hyperparameters()` with plain-typed arguments only, so that a checkpoint can be rebuilt
     from `weights_only=True` loading (see models.loading)."""
 
+    # text_conditioned: generates from a prompt (sample/evaluate prompt it). trains_on_captions: its loss uses the
+    # caption, so the DataModule skips (and counts) samples without one instead of feeding "".
+    text_conditioned = False
+    trains_on_captions = False
     _last_ema_step = -1
 
     def adamw_with_warmup(self, params: Iterable[torch.nn.Parameter]) -> dict[str, Any]:

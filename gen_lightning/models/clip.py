@@ -42,7 +42,7 @@ class CLIPModel(GenerativeModule):
         zero_shot_template: prompt for zero-shot classes on val ("{}" is replaced by the class name).
     """
 
-    trains_on_captions = True  # the DataModule skips (and counts) samples without one, instead of feeding ""
+    trains_on_captions = True
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ class LatentDiffusionModel(DiffusionModel):
     """
 
     text_conditioned = True
+    trains_on_captions = True
 
     def __init__(
         self,
