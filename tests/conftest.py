@@ -52,6 +52,22 @@ def toy_shards(tmp_path_factory) -> Path:
 
 
 REPO = Path(__file__).resolve().parents[1]
+WORLD_SIZE, WORLD_CONTEXT = 16, 2
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory) -> tuple[Path, Path]:
+    """World-model shards of the Pillow toy desktop (tests/world_toy.py) as (train folder, val folder): 12 training
+    episodes, 4 held-out ones, 20 steps each, 16 px frames, 2 context frames."""
+    from tests.world_toy import toy_world_samples
+
+    root = tmp_path_factory.mktemp("toy_world")
+    train, val = root / "train", root / "val"
+    samples = toy_world_samples(12, 20, WORLD_CONTEXT, WORLD_SIZE)
+    write_shards(samples, train, samples_per_shard=40, val_fraction=0.0)
+    held_out = toy_world_samples(4, 20, WORLD_CONTEXT, WORLD_SIZE, seed=1)
+    write_shards(held_out, val, samples_per_shard=20, val_fraction=1.0)
+    return train, val
 
 
 def save_checkpoint(model, path: Path) -> Path:

@@ -16,25 +16,30 @@ from PIL import Image
 
 from gen_lightning.cli import main
 from gen_lightning.models.loading import CheckpointError, load_model
-from tests.conftest import REPO, tiny_fit_args
+from tests.conftest import REPO, WORLD_CONTEXT, WORLD_SIZE, tiny_fit_args
 from tests.wandb_reader import history
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_fast_dev_run_of_every_config(config, toy_shards, tmp_path, tiny_vae_checkpoint):
+def test_fast_dev_run_of_every_config(config, toy_shards, toy_world, tmp_path, tiny_vae_checkpoint):
     """Every experiment config runs one train + val batch on real shards (data pointed at the toy set)."""
-    # A config whose model needs a trained first stage gets the tiny one (the real one comes from another config).
+    # A config whose model needs a trained first stage gets the tiny one (the real one comes from another config);
+    # the world model gets world-model shards (the toy desktop).
+    train, val = (toy_shards, toy_shards)
     needs = {"configs/ldm_emoji.yaml": [f"--model.init_args.vae_checkpoint={tiny_vae_checkpoint}"]}
+    if config == "configs/world_model_ui.yaml":
+        train, val = toy_world
+        needs[config] = [f"--data.image_size={WORLD_SIZE}", f"--model.init_args.context_frames={WORLD_CONTEXT}"]
     main(
         [
             "fit",
             "--config",
             str(REPO / config),
             f"--trainer.default_root_dir={tmp_path}",
-            f"--data.train={toy_shards}",
-            f"--data.val={toy_shards}",
+            f"--data.train={train}",
+            f"--data.val={val}",
             "--data.batch_size=2",
             "--data.num_workers=0",
             "--trainer.fast_dev_run=1",

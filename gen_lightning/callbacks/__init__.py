@@ -4,5 +4,14 @@ from gen_lightning.callbacks.nonfinite import NonFiniteGuard
 from gen_lightning.callbacks.requeue import SlurmRequeue
 from gen_lightning.callbacks.sample_grid import SampleGrid
 from gen_lightning.callbacks.throughput import DataThroughput
+from gen_lightning.callbacks.world import WorldModelEvaluation
 
-__all__ = ["DataThroughput", "GenerativeEvaluation", "NonFiniteGuard", "RunCheckpoint", "SampleGrid", "SlurmRequeue"]
+__all__ = [
+    "DataThroughput",
+    "GenerativeEvaluation",
+    "NonFiniteGuard",
+    "RunCheckpoint",
+    "SampleGrid",
+    "SlurmRequeue",
+    "WorldModelEvaluation",
+]

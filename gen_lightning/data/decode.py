@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 LATENT_KEY = "latent.npy"
+# World-model samples (data.ui_source): the previous frames tiled left to right, and the action taken after them.
+CONTEXT_KEY = "context.png"
+ACTION_KEY = "action.json"
 MAX_WARNINGS_PER_PROCESS = 20
 
 # Per-process tallies of skipped samples by reason; drained into each batch (see module docstring).
@@ -199,7 +202,41 @@ def decode_sample(
     sample = {"image": tensor, "caption": caption, "meta": _metadata(raw), "__key__": raw.get("__key__", "")}
     if LATENT_KEY in raw:  # pre-encoded shards (data.latent_source)
         sample["latent"] = _latent(raw[LATENT_KEY])
+    if CONTEXT_KEY in raw or ACTION_KEY in raw:  # world-model shards
+        sample["frames"], sample["action"] = _frames_and_action(raw, transform, rng, tuple(tensor.shape))
     return sample
+
+
+def _frames_and_action(
+    raw: dict[str, Any], transform: ImageTransform, rng: random.Random, frame_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """context.png (K frames side by side) -> [K, 3, H, W] through the same transform as the next frame, and
+    action.json -> the encoded action vector (data.ui_actions)."""
+    from gen_lightning.data.ui_actions import encode_action
+
+    missing = [k for k in (CONTEXT_KEY, ACTION_KEY) if k not in raw]
+    if missing:
+        raise ValueError(f"world-model sample without {', '.join(missing)}")
+    try:
+        with Image.open(io.BytesIO(raw[CONTEXT_KEY])) as strip:
+            strip.load()
+            width, height = strip.size
+            if width % height:
+                raise ValueError(f"its size {width}×{height} is not K square frames side by side")
+            frames = [
+                transform(strip.crop((i * height, 0, (i + 1) * height, height)), rng) for i in range(width // height)
+            ]
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{CONTEXT_KEY} is not a decodable image ({err})") from err
+    if tuple(frames[0].shape) != frame_shape:
+        raise ValueError(f"{CONTEXT_KEY} frames are {tuple(frames[0].shape)}, the next frame is {frame_shape}")
+    try:
+        action = json.loads(raw[ACTION_KEY])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{ACTION_KEY} is not valid JSON ({err})") from err
+    if not isinstance(action, dict):
+        raise ValueError(f"{ACTION_KEY} is a {type(action).__name__}, expected an object")
+    return torch.stack(frames), encode_action(action, ACTION_KEY)
 
 
 def _caption(raw: dict[str, Any], required: bool) -> str:
@@ -249,11 +286,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "__key__": [s["__key__"] for s in samples],
         "skipped": drain_skipped(),
     }
-    with_latent = sum("latent" in s for s in samples)
-    if with_latent == len(samples):
-        batch["latent"] = torch.stack([s["latent"] for s in samples])
-    elif with_latent:
-        raise ValueError(f"a batch mixes samples with and without {LATENT_KEY}: the shard set is a mix of sources")
+    for key, member in (("latent", LATENT_KEY), ("frames", CONTEXT_KEY), ("action", ACTION_KEY)):
+        present = sum(key in s for s in samples)
+        if present == len(samples):
+            batch[key] = torch.stack([s[key] for s in samples])
+        elif present:
+            raise ValueError(f"a batch mixes samples with and without {member}: the shard set is a mix of sources")
     return batch
 
 

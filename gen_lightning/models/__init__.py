@@ -3,5 +3,6 @@ from gen_lightning.models.clip import CLIPModel
 from gen_lightning.models.diffusion import DiffusionModel
 from gen_lightning.models.latent_diffusion import LatentDiffusionModel
 from gen_lightning.models.vae import VAEModel
+from gen_lightning.models.world_model import WorldModel
 
-__all__ = ["CLIPModel", "DiffusionModel", "GenerativeModule", "LatentDiffusionModel", "VAEModel"]
+__all__ = ["CLIPModel", "DiffusionModel", "GenerativeModule", "LatentDiffusionModel", "VAEModel", "WorldModel"]

@@ -1,0 +1,159 @@
+"""World-model evaluation during training: one-step metrics, FID and 16-step rollouts on held-out episodes, logged
+with side-by-side strips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from gen_lightning.callbacks.evaluation import default_cache_dir, fill_reference, reference_key
+from gen_lightning.callbacks.periodic import PeriodicSampling
+from gen_lightning.images import make_grid, save_image_atomic
+from gen_lightning.metrics.world import WorldMetrics, episodes_from
+
+
+class WorldModelEvaluation(PeriodicSampling):
+    """Every `every_n_steps` optimizer steps (0: only at the end of training), on the validation shards (held-out
+    episodes, each rank its share): predict the next frame of `num_samples` val samples (over all ranks) and score
+    PSNR / SSIM / cursor accuracy against the real next frame (and the copy-last-frame baseline), FID of predicted vs
+    real frames when `fid`, and roll `rollouts` episodes out for `rollout_steps` steps from their first context,
+    feeding the model its own frames (PSNR per step). Logs `val/<metric>` and the images `world/one_step` (rows:
+    context frames, real next, predicted) and `world/rollout` (per episode a row of real frames above a row of
+    predicted ones), also written to `<root>/world/`.
+
+    Args:
+        steps / sampler / seed: sampling settings (None: the model's defaults).
+        batch_size: val samples predicted at once.
+        strips: rows in the one-step image.
+        fid / weights / cache_dir / max_real: FID against the val frames' cached statistics (see GenerativeEvaluation).
+        cursor_tolerance: pixels between predicted and real cursor that still count as a hit.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        num_samples: int = 256,
+        rollouts: int = 4,
+        rollout_steps: int = 16,
+        sampler: str | None = None,
+        steps: int | None = None,
+        batch_size: int = 64,
+        strips: int = 8,
+        fid: bool = True,
+        weights: str | None = None,
+        cache_dir: str | None = None,
+        max_real: int | None = None,
+        cursor_tolerance: float = 2.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(every_n_steps, num_samples, sampler, steps, 1.0, seed)
+        self.rollouts = rollouts
+        self.rollout_steps = rollout_steps
+        self.batch_size = batch_size
+        self.strips = strips
+        self.fid = fid
+        self.weights = weights
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.max_real = max_real
+        self.metrics = WorldMetrics(rollout_steps, cursor_tolerance)
+        self.generative = None
+        self._reference_ready = False
+        self.last_results: dict[str, float] = {}
+        self.last_images: dict[str, Path] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "predict_next"):
+            raise TypeError(f"WorldModelEvaluation needs a WorldModel, got {type(pl_module).__name__}")
+        self.metrics.to(pl_module.device)
+        if self.fid and self.generative is None:
+            from gen_lightning.metrics.generative import GenerativeMetrics
+            from gen_lightning.metrics.inception import FIDInceptionV3
+
+            self.generative = GenerativeMetrics(FIDInceptionV3(self.weights), kid=False).to(pl_module.device)
+
+    def _ensure_reference(self, trainer: L.Trainer) -> None:
+        if self.generative is None or self._reference_ready:
+            return
+        data = trainer.datamodule
+        key = reference_key(data.val_urls, self.generative.extractor, data.image_size, self.max_real)
+        per_rank_cap = None if self.max_real is None else -(-self.max_real // trainer.world_size)
+        fill_reference(self.generative, data.val_dataloader(), key, self.cache_dir, trainer.global_rank, per_rank_cap)
+        self._reference_ready = True
+
+    def sampling(self, trainer: L.Trainer) -> dict[str, Any]:
+        # A smoke test exercises the path, not its cost.
+        return {"steps": 2 if trainer.fast_dev_run else self.steps, "sampler": self.sampler}
+
+    @torch.no_grad()
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        data = trainer.datamodule
+        if data is None or not getattr(data, "val_urls", None):
+            raise ValueError("WorldModelEvaluation needs held-out episodes: set data.val")
+        self._ensure_reference(trainer)
+        share = 2 if trainer.fast_dev_run else self.share(trainer)
+        generator = self.generator(trainer, pl_module)
+        rows = self.one_step(trainer, pl_module, data.val_dataloader(), share, generator)
+        rollouts = self.rollout(trainer, pl_module, data.val_dataloader(), generator)
+        results = self.metrics.compute()  # summed over ranks: the same on every rank
+        self.metrics.reset()
+        if self.generative is not None:
+            results.update(self.generative.compute())
+            self.generative.reset()
+        self.last_results = results
+        if trainer.is_global_zero:
+            self.publish(trainer, results, rows, rollouts, pl_module.hparams.context_frames)
+        return results
+
+    def one_step(self, trainer, pl_module, batches, share: int, generator) -> list[torch.Tensor]:
+        rows: list[torch.Tensor] = []
+        seen = 0
+        for batch in batches:
+            if seen >= share:
+                break
+            n = min(len(batch["image"]), share - seen, self.batch_size)
+            frames, real = batch["frames"][:n].to(pl_module.device), batch["image"][:n].to(pl_module.device)
+            predicted = pl_module.predict_next(
+                frames, batch["action"][:n], generator=generator, **self.sampling(trainer)
+            )
+            self.metrics.update_one_step(predicted, real, frames[:, -1])
+            if self.generative is not None:
+                self.generative.update(predicted, real=False)
+            for i in range(min(n, self.strips - len(rows))):
+                rows.append(torch.cat([frames[i], real[i : i + 1], predicted[i : i + 1]]).cpu())
+            seen += n
+        return rows
+
+    def rollout(self, trainer, pl_module, batches, generator) -> dict[str, torch.Tensor]:
+        count = 1 if trainer.fast_dev_run else -(-self.rollouts // trainer.world_size)
+        episodes = episodes_from(batches, count, self.rollout_steps)
+        if not episodes:
+            return {}
+        predicted = pl_module.rollout(
+            episodes["frames"].to(pl_module.device),
+            episodes["actions"].to(pl_module.device),
+            steps=self.sampling(trainer)["steps"],
+            generator=generator,
+        )
+        self.metrics.update_rollout(predicted, episodes["real"])
+        return {"real": episodes["real"], "predicted": predicted.cpu()}
+
+    def publish(self, trainer, results, rows, rollouts, context_frames: int) -> None:
+        """Rank 0: log the numbers and the strips through every logger, and keep the strips as PNGs."""
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics({f"val/{name}": value for name, value in results.items()}, step=step)
+        images = {}
+        if rows:
+            images["one_step"] = make_grid(torch.cat(rows), nrow=context_frames + 2)
+        if rollouts:
+            interleaved = torch.stack([rollouts["real"], rollouts["predicted"]], 1).flatten(0, 2)
+            images["rollout"] = make_grid(interleaved, nrow=rollouts["real"].shape[1])
+        folder = Path(trainer.default_root_dir) / "world"
+        for name, image in images.items():
+            self.last_images[name] = save_image_atomic(image, folder / f"step_{step:07d}_{name}.png")
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key=f"world/{name}", images=[image], step=step, caption=[f"step {step}"])

@@ -1,0 +1,225 @@
+"""WorldModel: action-conditioned diffusion that generates the next screen of a desktop from the previous screens and
+the mouse/keyboard input (as GameNGen, Valevski et al. 2024, and NeuralOS, Rivard et al. 2025, do).
+
+Conditioning, all through the shared UNet:
+- the K previous frames are concatenated to the noisy next frame along channels;
+- the cursor position is one more input channel: a Gaussian bump at the action's (x, y), so "where" is spatial;
+- buttons and the key (data.ui_actions' encoding, which also holds x, y) go through the UNet's `cond` embedding,
+  added to the time embedding, together with the context-noise level below.
+
+Noise augmentation of the context (GameNGen's trick): in training the context frames are corrupted with Gaussian noise
+of a random level in [0, context_noise], and the level is given to the model. A model that only ever saw clean
+context drifts in an autoregressive rollout, where its own slightly wrong frames become the next context; one trained
+to look through noisy context corrects them. At sampling time the level is `sample_context_noise` (default 0).
+
+Batches come from the one ShardDataModule (world-model shards written by `gen-lightning shards ui`):
+`image` is the next frame, `frames` [N, K, 3, H, W] the context, `action` [N, ACTION_DIM].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from gen_lightning.data.ui_actions import ACTION_DIM, encode_action
+from gen_lightning.errors import UserInputError
+from gen_lightning.models.diffusion import DiffusionModel
+from gen_lightning.nn.unet import UNetConfig
+
+IMAGE_CHANNELS = 3
+# With the noise level, the per-sample conditioning vector fed to the UNet's cond embedding.
+COND_DIM = ACTION_DIM + 1
+NULL_ACTION = {"x": 0.5, "y": 0.5, "button": 0, "click": 0, "key": ""}
+
+
+def cursor_map(action: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
+    """[N, 1, H, W] Gaussian bumps (peak 1) centred on each action's cursor tip pixel (data.ui_actions.cursor_pixel)."""
+    tip_x = (action[:, 0] * width).floor().clamp(max=width - 1)
+    tip_y = (action[:, 1] * height).floor().clamp(max=height - 1)
+    xs = torch.arange(width, device=action.device, dtype=action.dtype)
+    ys = torch.arange(height, device=action.device, dtype=action.dtype)
+    dx = (xs[None, :] - tip_x[:, None]).pow(2)  # [N, W]
+    dy = (ys[None, :] - tip_y[:, None]).pow(2)  # [N, H]
+    return torch.exp(-(dy[:, :, None] + dx[:, None, :]) / (2 * sigma**2))[:, None]
+
+
+class WorldModel(DiffusionModel):
+    """Args (besides DiffusionModel's, which apply to the next frame):
+    context_frames: K, the number of previous frames the model sees (must match the shards' context.png).
+    context_noise: largest context-noise level in training (0 disables the augmentation).
+    sample_context_noise: the level the model is told (and that is added) at sampling time.
+    cursor_sigma: width in pixels of the cursor-position channel's bump.
+    """
+
+    def __init__(
+        self,
+        unet: UNetConfig | None = None,
+        image_size: int = 64,
+        context_frames: int = 4,
+        context_noise: float = 0.3,
+        sample_context_noise: float = 0.0,
+        cursor_sigma: float = 1.5,
+        **kwargs: Any,
+    ) -> None:
+        if context_frames < 1:
+            raise ValueError(f"model.context_frames={context_frames}: needs at least one previous frame")
+        if not 0.0 <= sample_context_noise <= max(context_noise, 0.0) or context_noise < 0:
+            raise ValueError(
+                f"model.sample_context_noise={sample_context_noise} must lie in [0, context_noise={context_noise}] "
+                "(the model never saw other levels)"
+            )
+        unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())
+        unet_config.in_channels = IMAGE_CHANNELS * (context_frames + 1) + 1
+        unet_config.out_channels = IMAGE_CHANNELS
+        unet_config.cond_dim = COND_DIM
+        super().__init__(unet=unet_config, image_size=image_size, **kwargs)
+        self.sample_shape = (IMAGE_CHANNELS, image_size, image_size)
+        # A starting screen stored with the weights (filled from the first batch seen), so `play` needs only the
+        # checkpoint. NaN until then.
+        self.register_buffer("start_frames", torch.full((context_frames, *self.sample_shape), math.nan))
+
+    # --- conditioning ---------------------------------------------------------------------------------------------
+    def check_batch(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "frames" not in batch or "action" not in batch:
+            raise UserInputError(
+                "WorldModel needs world-model shards (context.png + action.json per sample, written by "
+                f"`gen-lightning shards ui`); this batch has {sorted(k for k in batch if not k.startswith('__'))}"
+            )
+        frames, action = batch["frames"], batch["action"]
+        expected = (self.hparams.context_frames, *self.sample_shape)
+        if tuple(frames.shape[1:]) != expected:
+            raise UserInputError(
+                f"context frames are {tuple(frames.shape[1:])}, the model expects {expected} "
+                "(model.context_frames must match the shards' context length, data.image_size their frame size)"
+            )
+        return frames, action
+
+    def conditioning(
+        self, frames: torch.Tensor, action: torch.Tensor, noise_level: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(channels concatenated to x_t, cond vector) for context frames that already carry `noise_level`."""
+        height, width = self.sample_shape[1:]
+        spatial = torch.cat(
+            [frames.flatten(1, 2), cursor_map(action, height, width, self.hparams.cursor_sigma).to(frames.dtype)], 1
+        )
+        cond = torch.cat([action, noise_level[:, None]], 1).to(frames.dtype)
+        return spatial, cond
+
+    def noisy_context(
+        self, frames: torch.Tensor, training: bool, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context frames with the augmentation noise added, and each sample's level."""
+        n = frames.shape[0]
+        if training:
+            levels = torch.rand(n, device=frames.device) * self.hparams.context_noise
+        else:
+            levels = torch.full((n,), float(self.hparams.sample_context_noise), device=frames.device)
+        if not levels.any():
+            return frames, levels
+        device = generator.device if generator is not None else frames.device
+        noise = torch.randn(frames.shape, generator=generator, device=device, dtype=frames.dtype).to(frames.device)
+        return frames + levels.view(n, 1, 1, 1, 1).to(frames.dtype) * noise, levels
+
+    def bound_denoiser(
+        self,
+        network: torch.nn.Module,
+        frames: torch.Tensor,
+        action: torch.Tensor,
+        training: bool,
+        generator: torch.Generator | None = None,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        context, levels = self.noisy_context(frames, training, generator)
+        spatial, cond = self.conditioning(context, action, levels)
+        if self.hparams.channels_last:
+            spatial = spatial.contiguous(memory_format=torch.channels_last)
+        return lambda x, t: network(torch.cat([x, spatial.to(x.dtype)], 1), t, cond=cond)
+
+    # --- DiffusionModel hooks -------------------------------------------------------------------------------------
+    def diffusion_input(self, batch: dict[str, Any]) -> torch.Tensor:
+        frames, _ = self.check_batch(batch)
+        if not torch.isfinite(self.start_frames).all():
+            self.start_frames.copy_(frames[0])
+        return self._images(batch)
+
+    def denoiser(self, batch: dict[str, Any], use_ema: bool, training: bool) -> Callable[..., torch.Tensor]:
+        frames, action = self.check_batch(batch)
+        return self.bound_denoiser(self.ema.shadow if use_ema else self.unet, frames, action, training)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        data = getattr(self.trainer, "datamodule", None)
+        if data is not None and (getattr(data, "random_flip", False) or getattr(data, "random_crop", False)):
+            # A flipped or shifted frame no longer matches the cursor position stored in its action.
+            raise UserInputError("WorldModel: data.random_flip and data.random_crop must be false")
+
+    # --- generation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_next(
+        self,
+        frames: torch.Tensor,
+        action: torch.Tensor | Sequence[Mapping[str, Any]],
+        steps: int | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """Next frames [N, 3, H, W] in [-1, 1] for context frames [N, K, 3, H, W] and actions (encoded [N, A], or
+        a list of action dicts, see data.ui_actions)."""
+        if not isinstance(action, torch.Tensor):
+            action = torch.stack([encode_action(a) for a in action])
+        frames, action = self.check_batch({"frames": frames.to(self.device), "action": action.to(self.device)})
+        network = self.ema.shadow if use_ema else self.unet
+        model = self.bound_denoiser(network, frames, action, training=False, generator=generator)
+        return self.run_sampler(
+            model, frames.shape[0], steps=steps, sampler=sampler, eta=eta, generator=generator
+        ).clamp(-1, 1)
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        frames: torch.Tensor,
+        actions: torch.Tensor,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """Autoregressive rollout: [N, T, 3, H, W] frames for actions [N, T, A], each step's prediction appended to
+        the context of the next (the first context is `frames` [N, K, 3, H, W])."""
+        context, predicted = frames, []
+        for step in range(actions.shape[1]):
+            frame = self.predict_next(context, actions[:, step], steps=steps, generator=generator, use_ema=use_ema)
+            predicted.append(frame)
+            context = torch.cat([context[:, 1:], frame[:, None]], 1)
+        return torch.stack(predicted, 1)
+
+    def start_context(self, n: int = 1) -> torch.Tensor:
+        """The stored starting screen as a context of n identical episodes [n, K, 3, H, W]."""
+        if not torch.isfinite(self.start_frames).all():
+            raise RuntimeError("this WorldModel has no start frames yet: train at least one step")
+        return self.start_frames.expand(n, *self.start_frames.shape).clone()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        cond: Mapping[str, Any] | None = None,
+        steps: int | None = None,
+        guidance: float = 1.0,
+        sampler: str | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """The shared interface: n next frames for cond = {"frames": [n, K, 3, H, W], "action": [n, A] or dicts};
+        without cond, from the stored start screen with the cursor resting at the centre."""
+        if guidance != 1.0:
+            raise ValueError("WorldModel has no classifier-free guidance: guidance must be 1")
+        if cond is None:
+            cond = {"frames": self.start_context(n), "action": [NULL_ACTION] * n}
+        return self.predict_next(
+            cond["frames"], cond["action"], steps=steps, sampler=sampler, eta=eta, generator=generator, use_ema=use_ema
+        )

@@ -1,0 +1,261 @@
+"""The world model: decoding of world-model samples, the action-conditioned model, its metrics and its evaluation
+callback in a real fit (on the Pillow toy desktop of tests/world_toy.py; the X recorder is tested in test_ui_source)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from gen_lightning.cli import main
+from gen_lightning.data.datamodule import ShardDataModule
+from gen_lightning.data.decode import ImageTransform, SkipCounter, decode_and_batch, read_tar_samples
+from gen_lightning.data.shard_writer import write_shards
+from gen_lightning.data.ui_actions import ACTION_DIM, KEYS, cursor_pixel, draw_cursor, encode_action
+from gen_lightning.errors import UserInputError
+from gen_lightning.metrics.world import MeanVector, WorldMetrics, cursor_hits, cursor_positions, episodes_from, psnr
+from gen_lightning.models.world_model import WorldModel, cursor_map
+from tests.conftest import REPO, WORLD_CONTEXT, WORLD_SIZE
+from tests.wandb_reader import history
+from tests.world_toy import toy_frame, toy_world_samples
+
+SIZE, CONTEXT = WORLD_SIZE, WORLD_CONTEXT
+
+
+def tiny_world_model(**kwargs) -> WorldModel:
+    torch.manual_seed(0)
+    unet = {"channels": [8, 16], "attention_levels": [], "num_heads": 2}
+    return WorldModel(unet=unet, image_size=SIZE, context_frames=CONTEXT, sample_steps=2, **kwargs)
+
+
+def val_batches(folder: Path, batch_size: int = 8) -> list[dict]:
+    data = ShardDataModule(val=str(folder), image_size=SIZE, val_batch_size=batch_size, num_workers=0)
+    data.setup("validate")
+    return list(data.val_dataloader())
+
+
+# --- data -------------------------------------------------------------------------------------------------------------
+def test_batches_carry_context_frames_and_encoded_actions(toy_world):
+    batch = val_batches(toy_world[1])[0]
+    assert batch["frames"].shape == (8, CONTEXT, 3, SIZE, SIZE)
+    assert batch["image"].shape == (8, 3, SIZE, SIZE)
+    assert batch["action"].shape == (8, ACTION_DIM)
+    # The newest context frame of step t is the next frame of step t-1 (same episode, consecutive t).
+    metas = batch["meta"]
+    for i in range(1, 8):
+        if metas[i]["episode"] == metas[i - 1]["episode"] and metas[i]["t"] == metas[i - 1]["t"] + 1:
+            assert torch.equal(batch["frames"][i, -1], batch["image"][i - 1])
+            break
+    else:
+        pytest.fail("no consecutive steps in the first val batch")
+    # The action's cursor is where the sprite is drawn in the next frame.
+    found, at = cursor_positions(batch["image"])
+    tips = [cursor_pixel(float(a[0]), float(a[1]), SIZE, SIZE) for a in batch["action"]]
+    assert found.all()
+    for (tip_x, tip_y), (cx, cy) in zip(tips, at.tolist(), strict=True):
+        assert tip_x <= cx <= tip_x + 3 and tip_y <= cy <= tip_y + 5
+
+
+def test_bad_action_json_is_skipped_and_counted(tmp_path):
+    samples = list(toy_world_samples(1, 4, CONTEXT, SIZE))
+    samples[1]["action.json"] = {"x": 3.0, "y": 0.5}  # outside the frame
+    samples[2]["action.json"] = "not json at all"
+    del samples[3]["context.png"]
+    write_shards(samples, tmp_path, samples_per_shard=10, val_fraction=0.0)
+    skips = SkipCounter("test")
+    raw = read_tar_samples([{"url": str(tmp_path / "train-000000.tar")}], skips)
+    batches = list(decode_and_batch(raw, ImageTransform(SIZE), 8, random.Random(0), True, skips))
+    assert len(batches) == 1 and len(batches[0]["__key__"]) == 1
+    assert batches[0]["skipped"] == 3
+
+
+def test_action_encoding_names_the_problem():
+    vector = encode_action({"x": 0.25, "y": 1.0, "button": 1, "click": 0, "key": "Return"})
+    assert vector[:4].tolist() == [0.25, 1.0, 1.0, 0.0]
+    assert vector[4 + KEYS.index("Return")] == 1 and vector[4:].sum() == 1
+    with pytest.raises(UserInputError, match="key 'F13'"):
+        encode_action({"x": 0.1, "y": 0.1, "key": "F13"}, "sample e1")
+    with pytest.raises(UserInputError, match="sample e1: cursor"):
+        encode_action({"x": -0.1, "y": 0.1}, "sample e1")
+
+
+# --- model ------------------------------------------------------------------------------------------------------------
+def test_cursor_map_peaks_at_the_cursor_tip():
+    action = torch.zeros(2, ACTION_DIM)
+    action[0, :2] = torch.tensor([0.0, 0.0])
+    action[1, :2] = torch.tensor([0.5, 0.75])
+    bumps = cursor_map(action, 16, 16, sigma=1.5)
+    assert bumps.shape == (2, 1, 16, 16)
+    assert bumps[0, 0].argmax().item() == 0
+    assert divmod(bumps[1, 0].argmax().item(), 16) == (12, 8)  # (row, col) = (0.75·16, 0.5·16)
+    assert bumps.max() == 1.0
+
+
+def test_unet_input_is_noisy_next_plus_context_plus_cursor_channel():
+    model = tiny_world_model()
+    assert model.unet.config.in_channels == 3 * (CONTEXT + 1) + 1
+    assert model.unet.config.cond_dim == ACTION_DIM + 1
+
+
+def test_context_noise_augmentation_only_in_training():
+    model = tiny_world_model(context_noise=0.5, sample_context_noise=0.1)
+    frames = torch.zeros(256, CONTEXT, 3, SIZE, SIZE)
+    noisy, levels = model.noisy_context(frames, training=True)
+    assert levels.min() >= 0 and levels.max() <= 0.5 and levels.std() > 0.1
+    per_sample_std = noisy.flatten(1).std(1)
+    assert torch.allclose(per_sample_std, levels, atol=0.03)
+    noisy, levels = model.noisy_context(frames, training=False)
+    assert torch.all(levels == 0.1)
+    with pytest.raises(ValueError, match="sample_context_noise"):
+        tiny_world_model(context_noise=0.2, sample_context_noise=0.3)
+
+
+def test_action_changes_the_prediction_and_rollout_feeds_predictions_back():
+    model = tiny_world_model()
+    torch.nn.init.normal_(model.unet.out_conv.weight, std=0.1)  # zero-initialised: every action would predict alike
+    model.ema.shadow.load_state_dict(model.unet.state_dict())
+    frames = torch.rand(1, CONTEXT, 3, SIZE, SIZE) * 2 - 1
+    left = {"x": 0.1, "y": 0.1, "button": 0, "click": 1, "key": ""}
+    right = {"x": 0.9, "y": 0.9, "button": 0, "click": 0, "key": "a"}
+
+    def predict(context, action):
+        return model.predict_next(context, [action], generator=torch.Generator().manual_seed(0))
+
+    assert not torch.allclose(predict(frames, left), predict(frames, right))
+    actions = torch.stack([encode_action(left), encode_action(right)])[None]
+    rolled = model.rollout(frames, actions, generator=torch.Generator().manual_seed(0))
+    first = predict(frames, left)
+    # The generator is shared across the two steps of the rollout: replay the same draws by hand.
+    generator = torch.Generator().manual_seed(0)
+    step1 = model.predict_next(frames, [left], generator=generator)
+    step2 = model.predict_next(torch.cat([frames[:, 1:], step1[:, None]], 1), [right], generator=generator)
+    assert torch.allclose(rolled[:, 0], first) and torch.allclose(rolled[:, 1], step2)
+
+
+def test_missing_world_members_name_the_recorder():
+    model = tiny_world_model()
+    with pytest.raises(UserInputError, match="shards ui"):
+        model.denoiser({"image": torch.zeros(1, 3, SIZE, SIZE)}, use_ema=False, training=True)
+    with pytest.raises(UserInputError, match="context_frames"):
+        model.check_batch({"frames": torch.zeros(1, 3, 3, SIZE, SIZE), "action": torch.zeros(1, ACTION_DIM)})
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------------
+def to_tensor(image) -> torch.Tensor:
+    from gen_lightning.images import pil_to_tensor
+
+    return pil_to_tensor(image)[None]
+
+
+def test_cursor_hits_within_tolerance_only():
+    real = to_tensor(toy_frame(32, False, 0.5, 0.5))
+    near = to_tensor(toy_frame(32, False, 0.5 + 1.5 / 32, 0.5))
+    far = to_tensor(toy_frame(32, False, 0.1, 0.9))
+    from PIL import Image
+
+    no_cursor = to_tensor(Image.new("RGB", (32, 32), "white"))
+    assert cursor_hits(near, real, tolerance=2).item() == 1
+    assert cursor_hits(far, real, tolerance=2).item() == 0
+    assert cursor_hits(no_cursor, real, tolerance=2).item() == 0
+    assert torch.isnan(cursor_hits(real, no_cursor, tolerance=2)).all()  # no cursor to find: not scored
+    drawn = to_tensor(draw_cursor(Image.new("RGB", (32, 32), (200, 40, 40)), 0.25, 0.25))  # red app pixels ignored
+    found, at = cursor_positions(drawn)
+    assert found.item() and 8 <= at[0, 0] <= 11 and 8 <= at[0, 1] <= 13
+
+
+def test_world_metrics_psnr_baseline_and_nan_handling():
+    real = to_tensor(toy_frame(16, True, 0.5, 0.5))
+    off = to_tensor(toy_frame(16, False, 0.5, 0.5))
+    metrics = WorldMetrics(rollout_steps=2)
+    metrics.update_one_step(real, real, off)
+    results = metrics.compute()
+    assert results["psnr"] == 100.0  # exact prediction, capped
+    assert results["psnr_copy_last"] == pytest.approx(psnr(off, real).item())
+    assert results["ssim"] == pytest.approx(1.0) and results["cursor_accuracy"] == 1.0
+    mean = MeanVector(2)
+    mean.update(torch.tensor([[1.0, float("nan")], [3.0, 2.0]]))
+    assert mean.compute().tolist() == [2.0, 2.0]
+
+
+def test_episodes_are_rebuilt_in_step_order_from_shuffled_batches(toy_world):
+    batches = val_batches(toy_world[1], batch_size=5)
+    random.Random(0).shuffle(batches)
+    episodes = episodes_from(batches, count=2, length=6)
+    assert episodes["real"].shape == (2, 6, 3, SIZE, SIZE) and episodes["actions"].shape == (2, 6, ACTION_DIM)
+    # Step 0's context is the episode's first screen repeated; its real next frame is step 1's newest context frame.
+    by_step = {
+        (meta["episode"], meta["t"]): (batch["frames"][i], batch["image"][i])
+        for batch in batches
+        for i, meta in enumerate(batch["meta"])
+    }
+    assert torch.equal(episodes["frames"][0], by_step[(0, 0)][0])
+    assert torch.equal(episodes["real"][0, 0], by_step[(0, 1)][0][-1])
+    assert torch.equal(episodes["real"][0, 5], by_step[(0, 5)][1])
+
+
+# --- training ---------------------------------------------------------------------------------------------------------
+def world_fit_args(train: Path, val: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(REPO / "configs/world_model_ui.yaml"),
+        f"--trainer.default_root_dir={root}",
+        f"--data.train={train}",
+        f"--data.val={val}",
+        f"--data.image_size={SIZE}",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        "--data.shuffle_buffer=8",
+        f"--model.init_args.context_frames={CONTEXT}",
+        "--model.init_args.unet.channels=[8, 16]",
+        "--model.init_args.unet.attention_levels=[]",
+        "--model.init_args.sample_steps=2",
+        *extra,
+    ]
+
+
+def test_fit_logs_world_metrics_and_strips_to_wandb(toy_world, tmp_path):
+    """A real fit with the world-model evaluation: metrics, one-step and rollout strips in the offline W&B run."""
+    train, val = toy_world
+    main(
+        world_fit_args(
+            train,
+            val,
+            tmp_path,
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.callbacks.every_n_steps=0",
+            "--trainer.callbacks.num_samples=8",
+            "--trainer.callbacks.rollouts=2",
+            "--trainer.callbacks.rollout_steps=3",
+            "--trainer.callbacks.fid=false",
+        )
+    )
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    rows = history(run_dir)
+    final = {key: value for row in rows for key, value in row.items()}
+    for key in ("val/psnr", "val/psnr_copy_last", "val/ssim", "val/cursor_accuracy", "val/rollout_psnr_t03"):
+        assert key in final, key
+    assert 0 < final["val/psnr"] < 100 and 0 <= final["val/cursor_accuracy"] <= 1
+    strips = sorted((tmp_path / "world").glob("*.png"))
+    assert [p.name.split("_", 2)[-1] for p in strips] == ["one_step.png", "rollout.png"]
+    from PIL import Image
+
+    rollout = Image.open(strips[1])
+    assert rollout.size == (3 * (SIZE + 2) + 2, 4 * (SIZE + 2) + 2)  # 2 episodes × (real row, predicted row) × 3 steps
+    assert any("world/rollout" in key for row in rows for key in row)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    from gen_lightning.models.loading import load_model
+
+    model = load_model(ckpt)
+    assert isinstance(model, WorldModel) and torch.isfinite(model.start_frames).all()
+
+
+def test_random_flip_is_refused(toy_world, tmp_path):
+    train, val = toy_world
+    with pytest.raises(UserInputError, match="random_flip"):
+        main(world_fit_args(train, val, tmp_path, "--trainer.fast_dev_run=1", "--data.random_flip=true"))
