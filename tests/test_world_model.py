@@ -3,11 +3,13 @@ callback in a real fit (on the Pillow toy desktop of tests/world_toy.py; the X r
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from gen_lightning.cli import main
 from gen_lightning.data.datamodule import ShardDataModule
@@ -16,6 +18,7 @@ from gen_lightning.data.shard_writer import write_shards
 from gen_lightning.data.ui_actions import ACTION_DIM, KEYS, cursor_pixel, draw_cursor, encode_action
 from gen_lightning.errors import UserInputError
 from gen_lightning.metrics.world import MeanVector, WorldMetrics, cursor_hits, cursor_positions, episodes_from, psnr
+from gen_lightning.models.loading import load_model
 from gen_lightning.models.world_model import WorldModel, cursor_map
 from tests.conftest import REPO, WORLD_CONTEXT, WORLD_SIZE
 from tests.wandb_reader import history
@@ -216,14 +219,16 @@ def world_fit_args(train: Path, val: Path, root: Path, *extra: str) -> list[str]
     ]
 
 
-def test_fit_logs_world_metrics_and_strips_to_wandb(toy_world, tmp_path):
-    """A real fit with the world-model evaluation: metrics, one-step and rollout strips in the offline W&B run."""
+@pytest.fixture(scope="module")
+def world_run(toy_world, tmp_path_factory) -> Path:
+    """A 4-step fit with the world-model evaluation at the end (no FID: the Inception is tested below)."""
     train, val = toy_world
+    root = tmp_path_factory.mktemp("world_run")
     main(
         world_fit_args(
             train,
             val,
-            tmp_path,
+            root,
             "--trainer.max_steps=4",
             "--trainer.val_check_interval=4",
             "--trainer.limit_val_batches=1",
@@ -235,24 +240,47 @@ def test_fit_logs_world_metrics_and_strips_to_wandb(toy_world, tmp_path):
             "--trainer.callbacks.fid=false",
         )
     )
-    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    return root
+
+
+def test_fit_logs_world_metrics_and_strips_to_wandb(world_run):
+    """A real fit: metrics, one-step and rollout strips in the offline W&B run and on disk; a loadable checkpoint."""
+    (run_dir,) = (world_run / "wandb").glob("offline-run-*")
     rows = history(run_dir)
     final = {key: value for row in rows for key, value in row.items()}
     for key in ("val/psnr", "val/psnr_copy_last", "val/ssim", "val/cursor_accuracy", "val/rollout_psnr_t03"):
         assert key in final, key
     assert 0 < final["val/psnr"] < 100 and 0 <= final["val/cursor_accuracy"] <= 1
-    strips = sorted((tmp_path / "world").glob("*.png"))
+    strips = sorted((world_run / "world").glob("*.png"))
     assert [p.name.split("_", 2)[-1] for p in strips] == ["one_step.png", "rollout.png"]
-    from PIL import Image
-
     rollout = Image.open(strips[1])
     assert rollout.size == (3 * (SIZE + 2) + 2, 4 * (SIZE + 2) + 2)  # 2 episodes × (real row, predicted row) × 3 steps
     assert any("world/rollout" in key for row in rows for key in row)
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    from gen_lightning.models.loading import load_model
-
-    model = load_model(ckpt)
+    model = load_model(world_run / "checkpoints" / "last.ckpt")
     assert isinstance(model, WorldModel) and torch.isfinite(model.start_frames).all()
+
+
+def test_evaluate_cli_reports_world_metrics_and_fid(world_run, toy_world, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    main(
+        [
+            "evaluate",
+            f"--ckpt={world_run / 'checkpoints' / 'last.ckpt'}",
+            f"--data={toy_world[1]}",
+            "--num-samples=6",
+            "--rollouts=2",
+            "--rollout-steps=4",
+            "--steps=2",
+            "--max-real=16",
+            "--num-workers=0",
+            f"--cache-dir={tmp_path / 'cache'}",
+            f"--out={out}",
+        ]
+    )
+    report = json.loads(out.read_text())
+    assert report["fid"] > 0 and 0 < report["psnr"] < 100 and "rollout_psnr_t04" in report
+    assert report["psnr_copy_last"] > 0 and Path(report["strips"]["rollout"]).is_file()
+    assert json.loads(capsys.readouterr().out) == report
 
 
 def test_random_flip_is_refused(toy_world, tmp_path):

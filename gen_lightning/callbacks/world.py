@@ -3,11 +3,13 @@ with side-by-side strips."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from PIL import Image
 
 from gen_lightning.callbacks.evaluation import default_cache_dir, fill_reference, reference_key
 from gen_lightning.callbacks.periodic import PeriodicSampling
@@ -83,41 +85,94 @@ class WorldModelEvaluation(PeriodicSampling):
         fill_reference(self.generative, data.val_dataloader(), key, self.cache_dir, trainer.global_rank, per_rank_cap)
         self._reference_ready = True
 
-    def sampling(self, trainer: L.Trainer) -> dict[str, Any]:
-        # A smoke test exercises the path, not its cost.
-        return {"steps": 2 if trainer.fast_dev_run else self.steps, "sampler": self.sampler}
-
     @torch.no_grad()
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         data = trainer.datamodule
         if data is None or not getattr(data, "val_urls", None):
             raise ValueError("WorldModelEvaluation needs held-out episodes: set data.val")
         self._ensure_reference(trainer)
-        share = 2 if trainer.fast_dev_run else self.share(trainer)
-        generator = self.generator(trainer, pl_module)
-        rows = self.one_step(trainer, pl_module, data.val_dataloader(), share, generator)
-        rollouts = self.rollout(trainer, pl_module, data.val_dataloader(), generator)
-        results = self.metrics.compute()  # summed over ranks: the same on every rank
+        smoke = bool(trainer.fast_dev_run)  # a smoke test exercises the path, not its cost
+        evaluator = WorldEvaluator(
+            self.metrics,
+            self.generative,
+            num_samples=2 if smoke else self.share(trainer),
+            rollouts=1 if smoke else -(-self.rollouts // trainer.world_size),
+            rollout_steps=self.rollout_steps,
+            batch_size=self.batch_size,
+            strips=self.strips,
+            steps=2 if smoke else self.steps,
+            sampler=self.sampler,
+        )
+        results, images = evaluator(pl_module, data.val_dataloader, self.generator(trainer, pl_module))
+        self.last_results = results
+        if trainer.is_global_zero:
+            self.publish(trainer, results, images)
+        return results
+
+    def publish(self, trainer: L.Trainer, results: dict[str, float], images: dict[str, Image.Image]) -> None:
+        """Rank 0: log the numbers and the strips through every logger, and keep the strips as PNGs."""
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics({f"val/{name}": value for name, value in results.items()}, step=step)
+        folder = Path(trainer.default_root_dir) / "world"
+        for name, image in images.items():
+            self.last_images[name] = save_image_atomic(image, folder / f"step_{step:07d}_{name}.png")
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key=f"world/{name}", images=[image], step=step, caption=[f"step {step}"])
+
+
+class WorldEvaluator:
+    """One evaluation pass over (this rank's share of) held-out episodes, shared by WorldModelEvaluation and
+    `gen-lightning evaluate`: one-step predictions of `num_samples` val samples, then `rollouts` episodes rolled out
+    for `rollout_steps` steps. Returns the metrics (summed over ranks) and the strips (PIL images)."""
+
+    def __init__(
+        self,
+        metrics: WorldMetrics,
+        generative=None,
+        num_samples: int = 256,
+        rollouts: int = 4,
+        rollout_steps: int = 16,
+        batch_size: int = 64,
+        strips: int = 8,
+        steps: int | None = None,
+        sampler: str | None = None,
+    ) -> None:
+        self.metrics, self.generative = metrics, generative
+        self.num_samples, self.rollouts, self.rollout_steps = num_samples, rollouts, rollout_steps
+        self.batch_size, self.strips = batch_size, strips
+        self.sampling = {"steps": steps, "sampler": sampler}
+
+    @torch.no_grad()
+    def __call__(
+        self, model, val_batches: Callable[[], Iterable[dict[str, Any]]], generator: torch.Generator
+    ) -> tuple[dict[str, float], dict[str, Image.Image]]:
+        rows = self.one_step(model, val_batches(), generator)
+        rollouts = self.rollout(model, val_batches(), generator)
+        results = self.metrics.compute()
         self.metrics.reset()
         if self.generative is not None:
             results.update(self.generative.compute())
             self.generative.reset()
-        self.last_results = results
-        if trainer.is_global_zero:
-            self.publish(trainer, results, rows, rollouts, pl_module.hparams.context_frames)
-        return results
+        images = {}
+        if rows:
+            images["one_step"] = make_grid(torch.cat(rows), nrow=model.hparams.context_frames + 2)
+        if rollouts:
+            interleaved = torch.stack([rollouts["real"], rollouts["predicted"]], 1).flatten(0, 2)
+            images["rollout"] = make_grid(interleaved, nrow=rollouts["real"].shape[1])
+        return results, images
 
-    def one_step(self, trainer, pl_module, batches, share: int, generator) -> list[torch.Tensor]:
+    def one_step(self, model, batches: Iterable[dict[str, Any]], generator) -> list[torch.Tensor]:
+        """Rows of the one-step strip: the context frames, the real next frame, the predicted one."""
         rows: list[torch.Tensor] = []
         seen = 0
         for batch in batches:
-            if seen >= share:
+            if seen >= self.num_samples:
                 break
-            n = min(len(batch["image"]), share - seen, self.batch_size)
-            frames, real = batch["frames"][:n].to(pl_module.device), batch["image"][:n].to(pl_module.device)
-            predicted = pl_module.predict_next(
-                frames, batch["action"][:n], generator=generator, **self.sampling(trainer)
-            )
+            n = min(len(batch["image"]), self.num_samples - seen, self.batch_size)
+            frames, real = batch["frames"][:n].to(model.device), batch["image"][:n].to(model.device)
+            predicted = model.predict_next(frames, batch["action"][:n], generator=generator, **self.sampling)
             self.metrics.update_one_step(predicted, real, frames[:, -1])
             if self.generative is not None:
                 self.generative.update(predicted, real=False)
@@ -126,34 +181,15 @@ class WorldModelEvaluation(PeriodicSampling):
             seen += n
         return rows
 
-    def rollout(self, trainer, pl_module, batches, generator) -> dict[str, torch.Tensor]:
-        count = 1 if trainer.fast_dev_run else -(-self.rollouts // trainer.world_size)
-        episodes = episodes_from(batches, count, self.rollout_steps)
+    def rollout(self, model, batches: Iterable[dict[str, Any]], generator) -> dict[str, torch.Tensor]:
+        episodes = episodes_from(batches, self.rollouts, self.rollout_steps)
         if not episodes:
             return {}
-        predicted = pl_module.rollout(
-            episodes["frames"].to(pl_module.device),
-            episodes["actions"].to(pl_module.device),
-            steps=self.sampling(trainer)["steps"],
+        predicted = model.rollout(
+            episodes["frames"].to(model.device),
+            episodes["actions"].to(model.device),
+            steps=self.sampling["steps"],
             generator=generator,
         )
         self.metrics.update_rollout(predicted, episodes["real"])
         return {"real": episodes["real"], "predicted": predicted.cpu()}
-
-    def publish(self, trainer, results, rows, rollouts, context_frames: int) -> None:
-        """Rank 0: log the numbers and the strips through every logger, and keep the strips as PNGs."""
-        step = trainer.global_step
-        for logger in trainer.loggers:
-            logger.log_metrics({f"val/{name}": value for name, value in results.items()}, step=step)
-        images = {}
-        if rows:
-            images["one_step"] = make_grid(torch.cat(rows), nrow=context_frames + 2)
-        if rollouts:
-            interleaved = torch.stack([rollouts["real"], rollouts["predicted"]], 1).flatten(0, 2)
-            images["rollout"] = make_grid(interleaved, nrow=rollouts["real"].shape[1])
-        folder = Path(trainer.default_root_dir) / "world"
-        for name, image in images.items():
-            self.last_images[name] = save_image_atomic(image, folder / f"step_{step:07d}_{name}.png")
-            for logger in trainer.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key=f"world/{name}", images=[image], step=step, caption=[f"step {step}"])
