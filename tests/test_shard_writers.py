@@ -112,6 +112,19 @@ def test_write_shards_is_reproducible_and_removes_stale_shards(tmp_path):
     assert {p.name for p in (tmp_path / "a").glob("*.tar")} == urls
 
 
+def test_split_key_keeps_groups_together_and_in_order(tmp_path):
+    samples = [{"__key__": f"e{e:05d}-t{t:04d}", "txt": f"{e} {t}"} for e in range(20) for t in range(5)]
+    write_shards(samples, tmp_path, samples_per_shard=7, val_fraction=0.3, split_key=lambda key: key.split("-")[0])
+    by_split = {split: [s["__key__"] for s in _read_split(tmp_path, split)] for split in ("train", "val")}
+    episodes = {split: {key.split("-")[0] for key in keys} for split, keys in by_split.items()}
+    assert episodes["train"] and episodes["val"] and not episodes["train"] & episodes["val"]
+    assert all(split_of(episode, 0.3) == split for split, names in episodes.items() for episode in names)
+    for keys in by_split.values():  # every episode whole, its steps in order
+        assert keys == sorted(keys) and len(keys) == 5 * len({key.split("-")[0] for key in keys})
+    # Without split_key the same keys scatter an episode over both splits (what split_key exists to prevent).
+    assert {split_of(s["__key__"], 0.3) for s in samples[:5]} == {"train", "val"}
+
+
 def test_write_shards_single_shard_pattern_and_empty_split(tmp_path):
     manifest = write_shards(_samples(5), tmp_path, samples_per_shard=64, val_fraction=0.0)
     assert shard_pattern(tmp_path, "train") == str((tmp_path / "train-000000.tar").resolve())

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +130,15 @@ def write_shards(
     val_fraction: float = 0.1,
     source: dict | None = None,
     skipped: Mapping[str, int] | None = None,
+    split_key: Callable[[str], str] | None = None,
 ) -> dict:
     """Write `samples` into train/val tar shards under `out_dir` and return the manifest (also saved as manifest.json).
 
     Each sample is a dict with "__key__" (str, no dots or slashes, unique) and payload entries named by extension:
     bytes ("png", "jpg", ...), str ("txt") or JSON-able ("json"). `skipped` is read only after the last sample,
-    so a source's live `stats` dict (filled while it is iterated) can be passed directly.
+    so a source's live `stats` dict (filled while it is iterated) can be passed directly. `split_key` maps a key to
+    what decides its split (default: the key itself): samples that must stay together, such as the steps of one
+    recorded episode, share a split when it gives them the same value. Samples keep their order within a split.
     A previous manifest in `out_dir` is removed first and shards of an older, larger build are deleted at the end.
     """
     if samples_per_shard < 1:
@@ -157,7 +160,7 @@ def write_shards(
                 raise ValueError(f"duplicate __key__ {key!r}")
             seen.add(key)
             fields.update(k for k in encoded if k != "__key__")
-            writers[split_of(key, val_fraction)].write(encoded)
+            writers[split_of(split_key(key) if split_key else key, val_fraction)].write(encoded)
         for writer in writers.values():
             writer.close()
     except BaseException:
