@@ -10,10 +10,10 @@ EMOJI_TEST := /usr/share/unicode/emoji/emoji-test.txt
 DATA ?= data/emoji
 RUN ?= runs/ddpm_emoji
 
-.PHONY: setup demo clip text2image bench test lint clean
+.PHONY: setup demo clip text2image world bench test lint clean
 
 # The UI recorder's X server, input libraries and the app's font; chromium for the `play` page's browser test.
-X_TOOLS := /usr/bin/Xvfb /usr/bin/xdotool /usr/bin/chromium /usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf
+X_TOOLS := /usr/bin/Xvfb /usr/bin/chromium /usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf
 
 setup: $(STAMP) $(FONT) $(EMOJI_TEST) $(X_TOOLS)
 
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(FONT) $(EMOJI_TEST) $(X_TOOLS):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		fonts-noto-color-emoji unicode-data xvfb xauth xdotool libxtst6 fonts-dejavu-core chromium
+		fonts-noto-color-emoji unicode-data xvfb xauth libxtst6 fonts-dejavu-core chromium
 
 $(DATA)/manifest.json: | setup
 	$(VENV)/bin/gen-lightning shards emoji --out $(DATA) --size 64
@@ -60,6 +60,19 @@ text2image: data/emoji_latents/manifest.json
 	$(VENV)/bin/gen-lightning sample --ckpt runs/ldm_emoji/checkpoints/last.ckpt --prompt "blue heart" \
 		--prompt "red circle" --prompt "cherries" --prompt "panda" --n 8 --guidance 3 --out runs/ldm_emoji/prompts.png
 	@echo "prompt grid: runs/ldm_emoji/prompts.png   W&B offline runs: runs/vae_emoji/wandb/ runs/ldm_emoji/wandb/"
+
+# World model (~2 min of recording + ~20 CPU-minutes of training): a Tk app on Xvfb driven by a scripted user, the
+# action-conditioned model, its held-out metrics (JSON) and a scripted rollout next to the real app.
+data/ui/manifest.json: | setup
+	$(VENV)/bin/gen-lightning shards ui --out data/ui
+
+world: data/ui/manifest.json
+	$(VENV)/bin/gen-lightning fit --config configs/world_model_ui.yaml
+	$(VENV)/bin/gen-lightning evaluate --ckpt runs/world_model_ui/checkpoints/last.ckpt --data data/ui \
+		--num-samples 512 --rollouts 8 --max-real 512 --out runs/world_model_ui/heldout.json
+	$(PY) -m bench.world_rollout_demo --ckpt runs/world_model_ui/checkpoints/last.ckpt \
+		--out runs/world_model_ui/rollout_demo.png
+	@echo "drive it: $(VENV)/bin/gen-lightning play --ckpt runs/world_model_ui/checkpoints/last.ckpt"
 
 # Benchmarks that print ratios against a baseline run alongside (results: bench/RESULTS.md). diffusers is the
 # bench-only extra: never a runtime dependency.

@@ -15,7 +15,8 @@ from PIL import Image
 from gen_lightning.data import ui_app, ui_source
 from gen_lightning.data.shard_writer import read_manifest, shard_pattern, split_of
 from gen_lightning.data.ui_actions import CURSOR_PIXELS, CURSOR_RGB, KEYS, check_action, cursor_pixel
-from gen_lightning.data.ui_source import Step, UiRecorder, virtual_display, write_ui_shards
+from gen_lightning.data.ui_policy import ReplayPolicy, Step
+from gen_lightning.data.ui_source import UiRecorder, iter_ui_samples, virtual_display, write_ui_shards
 from gen_lightning.errors import UserInputError
 
 pytestmark = pytest.mark.skipif(
@@ -235,3 +236,30 @@ def test_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(UserInputError, match="apt-get install xvfb"):
         write_ui_shards(tmp_path, episodes=1, steps=1)
     assert not (tmp_path / "manifest.json").exists()
+
+
+DEMO_SCRIPT = [
+    ("move", "toggle", ""),
+    ("click", "toggle", ""),
+    ("click", "menu", ""),
+    ("click", "menu:blue", ""),  # exists only once the menu is open: aimed at where the app reports it
+    ("click", "entry", ""),
+    ("key", None, "h"),
+]
+
+
+def test_replay_policy_drives_the_app_through_a_fixed_script():
+    with virtual_display() as display:
+        policy = ReplayPolicy(DEMO_SCRIPT)
+        samples = list(iter_ui_samples(display, [0], steps=len(DEMO_SCRIPT), size=64, policy_for=lambda _: policy))
+    metas = [json.loads(s["json"]) if isinstance(s["json"], bytes) else s["json"] for s in samples]
+    assert [(m["kind"], m["target"]) for m in metas] == [(kind, target) for kind, target, _ in DEMO_SCRIPT]
+    frames = [np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB")).astype(int) for s in samples]
+    toggle = [int(v * 64) for v in (0.0, 0.25, 0.5, 0.625)]
+    region = (slice(toggle[1], toggle[3]), slice(toggle[0], toggle[2]))
+    assert np.abs(frames[1][region] - frames[0][region]).sum(-1).astype(bool).mean() > 0.3  # the toggle switched
+    panel = frames[3][2:14, 36:62].reshape(-1, 3)
+    assert (np.abs(panel - [0x10, 0x50, 0xC0]).max(1) < 8).mean() > 0.9  # the menu painted the panel blue
+    assert samples[-1]["action.json"]["key"] == "h"
+    with pytest.raises(ValueError, match="only 6 steps"):
+        policy.next_step({"boxes": {}}, (0, 0))
