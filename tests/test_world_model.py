@@ -137,6 +137,19 @@ def test_action_changes_the_prediction_and_rollout_feeds_predictions_back():
     assert torch.allclose(rolled[:, 0], first) and torch.allclose(rolled[:, 1], step2)
 
 
+def test_delta_target_diffuses_the_change_and_reconstructs_the_frame(toy_world):
+    batch = val_batches(toy_world[1])[0]
+    delta_model, frame_model = tiny_world_model(), tiny_world_model(target="frame")
+    change = delta_model.diffusion_input(batch)
+    assert torch.equal(change, (batch["image"] - batch["frames"][:, -1]) / 2) and change.abs().max() <= 1
+    assert torch.allclose(delta_model.to_frame(change, batch["frames"]), batch["image"], atol=1e-6)
+    assert torch.equal(frame_model.diffusion_input(batch), batch["image"])
+    # A zero change leaves every pixel of the newest context frame exactly as it was.
+    assert torch.equal(delta_model.to_frame(torch.zeros_like(change), batch["frames"]), batch["frames"][:, -1])
+    with pytest.raises(ValueError, match="model.target"):
+        tiny_world_model(target="residual")
+
+
 def test_missing_world_members_name_the_recorder():
     model = tiny_world_model()
     with pytest.raises(UserInputError, match="shards ui"):
