@@ -146,7 +146,7 @@ def test_delta_target_diffuses_the_change_and_reconstructs_the_frame(toy_world):
     assert torch.equal(frame_model.diffusion_input(batch), batch["image"])
     # A zero change leaves every pixel of the newest context frame exactly as it was.
     assert torch.equal(delta_model.to_frame(torch.zeros_like(change), batch["frames"]), batch["frames"][:, -1])
-    with pytest.raises(ValueError, match="model.target"):
+    with pytest.raises(ValueError, match=r"model\.target"):
         tiny_world_model(target="residual")
 
 
@@ -190,6 +190,10 @@ def test_world_metrics_psnr_baseline_and_nan_handling():
     assert results["psnr"] == 100.0  # exact prediction, capped
     assert results["psnr_copy_last"] == pytest.approx(psnr(off, real).item())
     assert results["ssim"] == pytest.approx(1.0) and results["cursor_accuracy"] == 1.0
+    metrics.update_rollout(torch.stack([real, off], 1), torch.stack([real, real], 1), off)
+    results = metrics.compute()
+    assert results["rollout_psnr_t01"] == 100.0 and results["rollout_psnr_t02"] == pytest.approx(psnr(off, real).item())
+    assert results["rollout_psnr_copy_first"] == pytest.approx(psnr(off, real).item())
     mean = MeanVector(2)
     mean.update(torch.tensor([[1.0, float("nan")], [3.0, 2.0]]))
     assert mean.compute().tolist() == [2.0, 2.0]
@@ -261,7 +265,8 @@ def test_fit_logs_world_metrics_and_strips_to_wandb(world_run):
     (run_dir,) = (world_run / "wandb").glob("offline-run-*")
     rows = history(run_dir)
     final = {key: value for row in rows for key, value in row.items()}
-    for key in ("val/psnr", "val/psnr_copy_last", "val/ssim", "val/cursor_accuracy", "val/rollout_psnr_t03"):
+    metrics = ("val/psnr", "val/psnr_copy_last", "val/ssim", "val/cursor_accuracy", "val/rollout_psnr_t03")
+    for key in (*metrics, "val/rollout_psnr_copy_first"):
         assert key in final, key
     assert 0 < final["val/psnr"] < 100 and 0 <= final["val/cursor_accuracy"] <= 1
     strips = sorted((world_run / "world").glob("*.png"))

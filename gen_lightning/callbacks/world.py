@@ -191,5 +191,5 @@ class WorldEvaluator:
             steps=self.sampling["steps"],
             generator=generator,
         )
-        self.metrics.update_rollout(predicted, episodes["real"])
+        self.metrics.update_rollout(predicted, episodes["real"], episodes["frames"][:, -1])
         return {"real": episodes["real"], "predicted": predicted.cpu()}

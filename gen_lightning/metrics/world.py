@@ -4,7 +4,8 @@ metrics.generative), and autoregressive rollouts with PSNR per step.
 PSNR and SSIM are per frame on [0, 1] pixels, then averaged over frames (the video-prediction convention; a
 dataset-level MSE would let a few easy frames hide bad ones). `psnr_copy_last` scores the trivial prediction "the
 screen does not change" on the same frames: most of a desktop is static from one step to the next, so a world model
-is only useful where it beats that baseline.
+is only useful where it beats that baseline. Rollouts have theirs too: `rollout_psnr_copy_first` keeps the screen
+the rollout started from.
 
 Cursor accuracy: the recorder draws the cursor as a magenta sprite (data.ui_actions). A frame's cursor position is the
 centroid of its magenta pixels; a prediction hits when its cursor is within `tolerance` pixels of the real next frame's.
@@ -90,6 +91,7 @@ class WorldMetrics(torch.nn.Module):
         super().__init__()
         self.one_step = MeanVector(4)  # psnr, psnr_copy_last, ssim, cursor_accuracy
         self.rollout = MeanVector(rollout_steps)
+        self.rollout_copy = MeanVector(1)
         self.rollout_steps = rollout_steps
         self.cursor_tolerance = cursor_tolerance
 
@@ -108,23 +110,28 @@ class WorldMetrics(torch.nn.Module):
         values[:, :2] = values[:, :2].clamp(max=100.0)
         self.one_step.update(values)
 
-    def update_rollout(self, predicted: torch.Tensor, real: torch.Tensor) -> None:
-        """predicted, real: [N, T, 3, H, W] with T == rollout_steps."""
+    def update_rollout(self, predicted: torch.Tensor, real: torch.Tensor, start: torch.Tensor) -> None:
+        """predicted, real: [N, T, 3, H, W] with T == rollout_steps; start: [N, 3, H, W], the screen the rollouts
+        started from (the baseline "nothing changes" repeats it)."""
         n, steps = real.shape[:2]
         per_step = psnr(predicted.flatten(0, 1).cpu(), real.flatten(0, 1).cpu()).clamp(max=100.0)
         self.rollout.update(per_step.view(n, steps))
+        frozen = start.cpu()[:, None].expand_as(real).flatten(0, 1)
+        self.rollout_copy.update(psnr(frozen, real.flatten(0, 1).cpu()).clamp(max=100.0).view(n, steps).mean(1, True))
 
     def compute(self) -> dict[str, float]:
         one_step = self.one_step.compute().tolist()
         results = dict(zip(("psnr", "psnr_copy_last", "ssim", "cursor_accuracy"), one_step, strict=True))
         curve = self.rollout.compute().tolist()
         results["rollout_psnr"] = float(torch.tensor(curve).nanmean())
+        results["rollout_psnr_copy_first"] = float(self.rollout_copy.compute()[0])
         results.update({f"rollout_psnr_t{step + 1:02d}": value for step, value in enumerate(curve)})
         return results
 
     def reset(self) -> None:
         self.one_step.reset()
         self.rollout.reset()
+        self.rollout_copy.reset()
 
 
 def episodes_from(batches: Iterable[dict[str, Any]], count: int, length: int) -> dict[str, torch.Tensor]:
