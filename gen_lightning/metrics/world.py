@@ -124,7 +124,7 @@ class WorldMetrics(torch.nn.Module):
         results = dict(zip(("psnr", "psnr_copy_last", "ssim", "cursor_accuracy"), one_step, strict=True))
         curve = self.rollout.compute().tolist()
         results["rollout_psnr"] = float(torch.tensor(curve).nanmean())
-        results["rollout_psnr_copy_first"] = float(self.rollout_copy.compute()[0])
+        results["rollout_psnr_copy_first"] = float(self.rollout_copy.compute().reshape(-1)[0])
         results.update({f"rollout_psnr_t{step + 1:02d}": value for step, value in enumerate(curve)})
         return results
 
