@@ -98,7 +98,16 @@ def test_cursor_map_peaks_at_the_cursor_tip():
 
 def test_unet_input_is_noisy_next_plus_context_plus_cursor_channel():
     model = tiny_world_model()
-    assert model.unet.config.in_channels == 3 * (CONTEXT + 1) + 1
+    assert model.unet.config.in_channels == 3 * (CONTEXT + 1) + 3
+    frames = torch.zeros(2, CONTEXT, 3, SIZE, SIZE)
+    action = torch.stack(
+        [encode_action({"x": 0.5, "y": 0.5, "click": 1}), encode_action({"x": 0.5, "y": 0.5, "button": 1})]
+    )
+    spatial, cond = model.conditioning(frames, action, torch.zeros(2))
+    bump, held, clicked = spatial[:, -3], spatial[:, -2], spatial[:, -1]
+    assert torch.equal(clicked[0], bump[0]) and not clicked[1].any()  # a click is drawn where the cursor is
+    assert torch.equal(held[1], bump[1]) and not held[0].any()
+    assert cond.shape == (2, ACTION_DIM + 1)
     assert model.unet.config.cond_dim == ACTION_DIM + 1
 
 
@@ -139,7 +148,7 @@ def test_action_changes_the_prediction_and_rollout_feeds_predictions_back():
 
 def test_delta_target_diffuses_the_change_and_reconstructs_the_frame(toy_world):
     batch = val_batches(toy_world[1])[0]
-    delta_model, frame_model = tiny_world_model(), tiny_world_model(target="frame")
+    delta_model, frame_model = tiny_world_model(target="delta"), tiny_world_model()
     change = delta_model.diffusion_input(batch)
     assert torch.equal(change, (batch["image"] - batch["frames"][:, -1]) / 2) and change.abs().max() <= 1
     assert torch.allclose(delta_model.to_frame(change, batch["frames"]), batch["image"], atol=1e-6)

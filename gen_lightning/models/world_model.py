@@ -3,20 +3,22 @@ the mouse/keyboard input (as GameNGen, Valevski et al. 2024, and NeuralOS, Rivar
 
 Conditioning, all through the shared UNet:
 - the K previous frames are concatenated to the noisy next frame along channels;
-- the cursor position is one more input channel: a Gaussian bump at the action's (x, y), so "where" is spatial;
-- buttons and the key (data.ui_actions' encoding, which also holds x, y) go through the UNet's `cond` embedding,
-  added to the time embedding, together with the context-noise level below.
+- the pointer is three more input channels: a Gaussian bump at the action's (x, y), the same bump where the left
+  button is held, and where it was clicked, so "a click here" is a local signal the convolutions see next to the
+  widget under it (with the click only in the global embedding, a 20-minute model toggled widgets a step late);
+- the whole action (data.ui_actions' encoding: x, y, button, click, key) also goes through the UNet's `cond`
+  embedding, added to the time embedding, together with the context-noise level below.
 
 Noise augmentation of the context (GameNGen's trick): in training the context frames are corrupted with Gaussian noise
 of a random level in [0, context_noise], and the level is given to the model. A model that only ever saw clean
 context drifts in an autoregressive rollout, where its own slightly wrong frames become the next context; one trained
 to look through noisy context corrects them. At sampling time the level is `sample_context_noise` (default 0).
 
-What is diffused: `target="delta"` (default) is the change from the newest context frame, halved so it stays in
-[-1, 1] (clip_sample applies to it); `target="frame"` is the next frame itself. Most of a desktop does not change from
-one step to the next. Generating the whole frame from noise, a small CPU model redraws the static 80% of it slightly
-wrong at every step (measured: 20 dB per-frame PSNR on steps where nothing but a key press happened, against 34.5 for
-copying the last frame); generating the change leaves static pixels at exactly zero change.
+What is diffused: `target="frame"` (default) is the next frame; `target="delta"` is the change from the newest context
+frame, halved so it stays in [-1, 1] (clip_sample applies to it). Measured on the Tk desktop after 20 CPU-minutes
+(bench/RESULTS.md): "delta" scores better one-step PSNR (most of the screen does not change, and a zero change keeps
+those pixels exactly), but its rollouts drift in colour and it showed click effects less often; "frame" rollouts
+stay cleaner.
 
 Batches come from the one ShardDataModule (world-model shards written by `gen-lightning shards ui`):
 `image` is the next frame, `frames` [N, K, 3, H, W] the context, `action` [N, ACTION_DIM].
@@ -38,6 +40,7 @@ from gen_lightning.nn.unet import UNetConfig
 IMAGE_CHANNELS = 3
 # With the noise level, the per-sample conditioning vector fed to the UNet's cond embedding.
 COND_DIM = ACTION_DIM + 1
+POINTER_CHANNELS = 3  # where the cursor is, where the button is held, where it was clicked
 NULL_ACTION = {"x": 0.5, "y": 0.5, "button": 0, "click": 0, "key": ""}
 TARGETS = ("delta", "frame")
 
@@ -56,7 +59,7 @@ def cursor_map(action: torch.Tensor, height: int, width: int, sigma: float) -> t
 class WorldModel(DiffusionModel):
     """Args (besides DiffusionModel's, which apply to the next frame):
     context_frames: K, the number of previous frames the model sees (must match the shards' context.png).
-    target: "delta" (the change from the newest context frame, halved) or "frame" (the next frame); see above.
+    target: "frame" (the next frame) or "delta" (the change from the newest context frame, halved); see above.
     context_noise: largest context-noise level in training (0 disables the augmentation).
     sample_context_noise: the level the model is told (and that is added) at sampling time.
     cursor_sigma: width in pixels of the cursor-position channel's bump.
@@ -67,7 +70,7 @@ class WorldModel(DiffusionModel):
         unet: UNetConfig | None = None,
         image_size: int = 64,
         context_frames: int = 4,
-        target: str = "delta",
+        target: str = "frame",
         context_noise: float = 0.3,
         sample_context_noise: float = 0.0,
         cursor_sigma: float = 1.5,
@@ -83,7 +86,7 @@ class WorldModel(DiffusionModel):
                 "(the model never saw other levels)"
             )
         unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())
-        unet_config.in_channels = IMAGE_CHANNELS * (context_frames + 1) + 1
+        unet_config.in_channels = IMAGE_CHANNELS * (context_frames + 1) + POINTER_CHANNELS
         unet_config.out_channels = IMAGE_CHANNELS
         unet_config.cond_dim = COND_DIM
         super().__init__(unet=unet_config, image_size=image_size, **kwargs)
@@ -113,9 +116,9 @@ class WorldModel(DiffusionModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(channels concatenated to x_t, cond vector) for context frames that already carry `noise_level`."""
         height, width = self.sample_shape[1:]
-        spatial = torch.cat(
-            [frames.flatten(1, 2), cursor_map(action, height, width, self.hparams.cursor_sigma).to(frames.dtype)], 1
-        )
+        bump = cursor_map(action, height, width, self.hparams.cursor_sigma).to(frames.dtype)
+        held, clicked = (action[:, i].to(frames.dtype).view(-1, 1, 1, 1) for i in (2, 3))
+        spatial = torch.cat([frames.flatten(1, 2), bump, bump * held, bump * clicked], 1)
         cond = torch.cat([action, noise_level[:, None]], 1).to(frames.dtype)
         return spatial, cond
 
