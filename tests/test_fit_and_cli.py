@@ -29,7 +29,7 @@ def test_fast_dev_run_of_every_config(config, toy_shards, toy_world, tmp_path, t
     # the world model gets world-model shards (the toy desktop).
     train, val = (toy_shards, toy_shards)
     needs = {"configs/ldm_emoji.yaml": [f"--model.init_args.vae_checkpoint={tiny_vae_checkpoint}"]}
-    if config == "configs/world_model_ui.yaml":
+    if config.startswith("configs/world_model"):
         train, val = toy_world
         needs[config] = [f"--data.image_size={WORLD_SIZE}", f"--model.init_args.context_frames={WORLD_CONTEXT}"]
     main(

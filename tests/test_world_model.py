@@ -97,7 +97,8 @@ def test_cursor_map_peaks_at_the_cursor_tip():
 
 
 def test_unet_input_is_noisy_next_plus_context_plus_cursor_channel():
-    model = tiny_world_model()
+    assert tiny_world_model().unet.config.in_channels == 3 * (CONTEXT + 1) + 1
+    model = tiny_world_model(click_maps=True)
     assert model.unet.config.in_channels == 3 * (CONTEXT + 1) + 3
     frames = torch.zeros(2, CONTEXT, 3, SIZE, SIZE)
     action = torch.stack(

@@ -3,9 +3,9 @@ the mouse/keyboard input (as GameNGen, Valevski et al. 2024, and NeuralOS, Rivar
 
 Conditioning, all through the shared UNet:
 - the K previous frames are concatenated to the noisy next frame along channels;
-- the pointer is three more input channels: a Gaussian bump at the action's (x, y), the same bump where the left
-  button is held, and where it was clicked, so "a click here" is a local signal the convolutions see next to the
-  widget under it (with the click only in the global embedding, a 20-minute model toggled widgets a step late);
+- the cursor position is one more input channel: a Gaussian bump at the action's (x, y), so "where" is spatial;
+  `click_maps` adds two: the same bump where the left button is held and where it was clicked, making "a click
+  here" a local signal next to the widget under it (measured: no better after 20 CPU-minutes, bench/RESULTS.md);
 - the whole action (data.ui_actions' encoding: x, y, button, click, key) also goes through the UNet's `cond`
   embedding, added to the time embedding, together with the context-noise level below.
 
@@ -40,7 +40,6 @@ from gen_lightning.nn.unet import UNetConfig
 IMAGE_CHANNELS = 3
 # With the noise level, the per-sample conditioning vector fed to the UNet's cond embedding.
 COND_DIM = ACTION_DIM + 1
-POINTER_CHANNELS = 3  # where the cursor is, where the button is held, where it was clicked
 NULL_ACTION = {"x": 0.5, "y": 0.5, "button": 0, "click": 0, "key": ""}
 TARGETS = ("delta", "frame")
 
@@ -60,6 +59,7 @@ class WorldModel(DiffusionModel):
     """Args (besides DiffusionModel's, which apply to the next frame):
     context_frames: K, the number of previous frames the model sees (must match the shards' context.png).
     target: "frame" (the next frame) or "delta" (the change from the newest context frame, halved); see above.
+    click_maps: two more pointer channels, button held and click, as bumps at the cursor (see above).
     context_noise: largest context-noise level in training (0 disables the augmentation).
     sample_context_noise: the level the model is told (and that is added) at sampling time.
     cursor_sigma: width in pixels of the cursor-position channel's bump.
@@ -71,6 +71,7 @@ class WorldModel(DiffusionModel):
         image_size: int = 64,
         context_frames: int = 4,
         target: str = "frame",
+        click_maps: bool = False,
         context_noise: float = 0.3,
         sample_context_noise: float = 0.0,
         cursor_sigma: float = 1.5,
@@ -86,7 +87,8 @@ class WorldModel(DiffusionModel):
                 "(the model never saw other levels)"
             )
         unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())
-        unet_config.in_channels = IMAGE_CHANNELS * (context_frames + 1) + POINTER_CHANNELS
+        pointer_channels = 3 if click_maps else 1  # where the cursor is (+ where the button is held, was clicked)
+        unet_config.in_channels = IMAGE_CHANNELS * (context_frames + 1) + pointer_channels
         unet_config.out_channels = IMAGE_CHANNELS
         unet_config.cond_dim = COND_DIM
         super().__init__(unet=unet_config, image_size=image_size, **kwargs)
@@ -117,8 +119,11 @@ class WorldModel(DiffusionModel):
         """(channels concatenated to x_t, cond vector) for context frames that already carry `noise_level`."""
         height, width = self.sample_shape[1:]
         bump = cursor_map(action, height, width, self.hparams.cursor_sigma).to(frames.dtype)
-        held, clicked = (action[:, i].to(frames.dtype).view(-1, 1, 1, 1) for i in (2, 3))
-        spatial = torch.cat([frames.flatten(1, 2), bump, bump * held, bump * clicked], 1)
+        pointer = [bump]
+        if self.hparams.get("click_maps", False):  # absent from checkpoints written before the option existed
+            held, clicked = (action[:, i].to(frames.dtype).view(-1, 1, 1, 1) for i in (2, 3))
+            pointer += [bump * held, bump * clicked]
+        spatial = torch.cat([frames.flatten(1, 2), *pointer], 1)
         cond = torch.cat([action, noise_level[:, None]], 1).to(frames.dtype)
         return spatial, cond
 
