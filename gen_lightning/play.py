@@ -18,6 +18,7 @@ import base64
 import io
 import json
 import logging
+import signal
 import threading
 import time
 from collections import deque
@@ -258,8 +259,15 @@ def make_server(session: PlaySession, host: str = "127.0.0.1", port: int = 0) ->
         raise UserInputError(f"--host {host} --port {port}: cannot listen there ({err.strerror})") from err
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(server: PlayServer) -> None:
-    """Serve until Ctrl-C, after telling the person where to point a browser."""
+    """Serve until Ctrl-C or SIGTERM (what `kill` and job schedulers send), after telling the person where to point a
+    browser."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     port = server.server_address[1]
     print(f"gen-lightning play: open {server.url} (Ctrl-C stops)", flush=True)
     print(
