@@ -287,8 +287,7 @@ def evaluate_main(args: Sequence[str]) -> None:
         clip_score_for,
         cycled,
         default_cache_dir,
-        fill_reference,
-        reference_key,
+        fill_val_reference,
         val_captions,
     )
     from gen_lightning.data.datamodule import ShardDataModule
@@ -312,9 +311,8 @@ def evaluate_main(args: Sequence[str]) -> None:
     data.setup("validate")
     extractor = FIDInceptionV3(ns.weights)
     metrics = GenerativeMetrics(extractor, kid=not ns.no_kid).to(ns.device)
-    key = reference_key(data.val_urls, extractor, image_size, ns.max_real)
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
-    cached = fill_reference(metrics, data.val_dataloader(), key, cache_dir, rank=0, max_real=ns.max_real)
+    cached = fill_val_reference(metrics, data, cache_dir, max_real=ns.max_real)
     # Text-to-image models are prompted with the reference captions, so both sides describe the same things.
     prompts = val_captions(data.val_dataloader()) if text_conditioned else None
     clip_score = clip_score_for(model, ns.clip, "--clip")
@@ -361,7 +359,7 @@ def evaluate_world_model(model, ns: argparse.Namespace) -> None:
     16-step rollouts; the strips are written next to the report (or into the current folder)."""
     import torch
 
-    from gen_lightning.callbacks.evaluation import default_cache_dir, fill_reference, reference_key
+    from gen_lightning.callbacks.evaluation import default_cache_dir, fill_val_reference
     from gen_lightning.callbacks.world import WorldEvaluator
     from gen_lightning.data.datamodule import ShardDataModule
     from gen_lightning.images import save_image_atomic
@@ -374,9 +372,8 @@ def evaluate_world_model(model, ns: argparse.Namespace) -> None:
     data.setup("validate")
     extractor = FIDInceptionV3(ns.weights)
     generative = GenerativeMetrics(extractor, kid=False).to(ns.device)
-    key = reference_key(data.val_urls, extractor, image_size, ns.max_real)
     cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
-    cached = fill_reference(generative, data.val_dataloader(), key, cache_dir, rank=0, max_real=ns.max_real)
+    cached = fill_val_reference(generative, data, cache_dir, max_real=ns.max_real)
     evaluator = WorldEvaluator(
         WorldMetrics(ns.rollout_steps),
         generative,

@@ -78,6 +78,21 @@ def fill_reference(
     return False
 
 
+def fill_val_reference(
+    metrics: GenerativeMetrics,
+    data,
+    cache_dir: Path,
+    rank: int = 0,
+    world_size: int = 1,
+    max_real: int | None = None,
+) -> bool:
+    """fill_reference from a set-up ShardDataModule's val shards (this rank's share of at most `max_real` images over
+    all ranks), keyed by its shard set, image size and extractor. True if the statistics came from the cache."""
+    key = reference_key(data.val_urls, metrics.extractor, data.image_size, max_real)
+    per_rank_cap = None if max_real is None else -(-max_real // world_size)
+    return fill_reference(metrics, data.val_dataloader(), key, cache_dir, rank, per_rank_cap)
+
+
 class GenerativeEvaluation(PeriodicSampling):
     """Every `every_n_steps` optimizer steps (and at the end of training), every rank generates its share of
     `num_samples`, the FID Inception embeds them, torchmetrics sums the states over ranks, and `val/fid`, `val/kid`
@@ -140,9 +155,7 @@ class GenerativeEvaluation(PeriodicSampling):
         data = trainer.datamodule
         if data is None or not getattr(data, "val_urls", None):
             raise ValueError("GenerativeEvaluation needs validation shards (data.val) for its reference statistics")
-        key = reference_key(data.val_urls, self.metrics.extractor, data.image_size, self.max_real)
-        per_rank_cap = None if self.max_real is None else -(-self.max_real // trainer.world_size)
-        fill_reference(self.metrics, data.val_dataloader(), key, self.cache_dir, trainer.global_rank, per_rank_cap)
+        fill_val_reference(self.metrics, data, self.cache_dir, trainer.global_rank, trainer.world_size, self.max_real)
         if getattr(trainer.lightning_module, "text_conditioned", False):
             self.prompts = val_captions(data.val_dataloader())
         self._reference_ready = True

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from PIL import Image
 
-from gen_lightning.callbacks.evaluation import default_cache_dir, fill_reference, reference_key
+from gen_lightning.callbacks.evaluation import default_cache_dir, fill_val_reference
 from gen_lightning.callbacks.periodic import PeriodicSampling
 from gen_lightning.images import make_grid, save_image_atomic
 from gen_lightning.metrics.world import WorldMetrics, episodes_from
@@ -80,9 +80,9 @@ class WorldModelEvaluation(PeriodicSampling):
         if self.generative is None or self._reference_ready:
             return
         data = trainer.datamodule
-        key = reference_key(data.val_urls, self.generative.extractor, data.image_size, self.max_real)
-        per_rank_cap = None if self.max_real is None else -(-self.max_real // trainer.world_size)
-        fill_reference(self.generative, data.val_dataloader(), key, self.cache_dir, trainer.global_rank, per_rank_cap)
+        fill_val_reference(
+            self.generative, data, self.cache_dir, trainer.global_rank, trainer.world_size, self.max_real
+        )
         self._reference_ready = True
 
     @torch.no_grad()
