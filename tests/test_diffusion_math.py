@@ -368,6 +368,23 @@ def test_diffusion_loss_is_weighted_mse_of_the_target() -> None:
     torch.testing.assert_close(got, (w * target.pow(2).flatten(1).mean(1)).mean())
 
 
+def test_pixel_weights_multiply_the_squared_error_before_the_pixel_mean() -> None:
+    sched = NoiseSchedule.from_name("linear", 1000)
+    x0 = torch.randn(4, 3, 4, 4, dtype=F64)
+    weight = torch.rand(4, 1, 4, 4, dtype=F64) * 3
+    loss = DiffusionLoss(sched, "epsilon", "uniform")
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731  (the prediction's error is the whole target: -noise)
+    got = loss(zero, x0, generator=torch.Generator().manual_seed(5), pixel_weight=weight)
+    gen = torch.Generator().manual_seed(5)
+    torch.randint(0, 1000, (4,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen, dtype=F64)
+    torch.testing.assert_close(got, (noise.pow(2) * weight).flatten(1).mean(1).mean())
+    # Weights of 1 everywhere are the plain loss.
+    plain = loss(zero, x0, generator=torch.Generator().manual_seed(5))
+    ones = loss(zero, x0, generator=torch.Generator().manual_seed(5), pixel_weight=torch.ones(4, 1, 4, 4))
+    torch.testing.assert_close(plain, ones)
+
+
 # 7. zero terminal SNR and error messages
 
 

@@ -198,8 +198,9 @@ def test_play_command_serves_until_interrupted(world_ckpt):
         status, reply = post(url + "action", json.dumps(ACTION).encode())
         assert status == 200 and reply["step"] == 1
     finally:
-        # SIGTERM, not SIGINT: a child inherits an ignored SIGINT (some earlier test in the session sets it so), and
-        # Python then installs no KeyboardInterrupt handler in it. `play` stops on both.
+        # SIGTERM, not SIGINT: when the suite itself was started in the background by a non-interactive shell
+        # (`bash -c 'pytest ... &'`, as CI wrappers do), bash starts it with SIGINT ignored, every child inherits
+        # that, and Python then installs no KeyboardInterrupt handler. `play` stops on both.
         process.send_signal(signal.SIGTERM)
         try:
             output = process.communicate(timeout=60)[0]

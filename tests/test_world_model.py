@@ -19,7 +19,7 @@ from gen_lightning.data.ui_actions import ACTION_DIM, KEYS, cursor_pixel, draw_c
 from gen_lightning.errors import UserInputError
 from gen_lightning.metrics.world import MeanVector, WorldMetrics, cursor_hits, cursor_positions, episodes_from, psnr
 from gen_lightning.models.loading import load_model
-from gen_lightning.models.world_model import WorldModel, cursor_map
+from gen_lightning.models.world_model import CHANGE_THRESHOLD, WorldModel, cursor_map
 from tests.conftest import REPO, WORLD_CONTEXT, WORLD_SIZE
 from tests.wandb_reader import history
 from tests.world_toy import toy_frame, toy_world_samples
@@ -158,6 +158,25 @@ def test_delta_target_diffuses_the_change_and_reconstructs_the_frame(toy_world):
     assert torch.equal(delta_model.to_frame(torch.zeros_like(change), batch["frames"]), batch["frames"][:, -1])
     with pytest.raises(ValueError, match=r"model\.target"):
         tiny_world_model(target="residual")
+
+
+def test_change_weight_favours_pixels_that_differ_from_the_newest_context_frame():
+    frames = torch.full((2, CONTEXT, 3, SIZE, SIZE), -1.0)
+    image = frames[:, -1].clone()
+    image[0, :, 5, 7] = 1.0  # sample 0: one pixel changes; sample 1: nothing changes
+    image[1, :, 2, 2] = -1.0 + CHANGE_THRESHOLD / 2  # below the threshold: "not changed"
+    batch = {"image": image, "frames": frames, "action": torch.zeros(2, ACTION_DIM)}
+    assert tiny_world_model().pixel_weight(batch) is None  # change_weight 0: the plain loss
+    weight = tiny_world_model(change_weight=4.0).pixel_weight(batch)
+    assert weight.shape == (2, 1, SIZE, SIZE)
+    torch.testing.assert_close(weight.mean(dim=(1, 2, 3)), torch.ones(2))
+    changed = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    changed[4:7, 6:9] = True  # the changed pixel grown by one pixel on each side
+    assert torch.allclose(weight[0, 0][changed], 5 * weight[0, 0][~changed].max())
+    assert torch.equal(weight[0, 0][~changed], torch.full(((~changed).sum(),), float(weight[0, 0, 0, 0])))
+    assert torch.equal(weight[1], torch.ones(1, SIZE, SIZE))
+    with pytest.raises(ValueError, match=r"model\.change_weight"):
+        tiny_world_model(change_weight=-1.0)
 
 
 def test_missing_world_members_name_the_recorder():

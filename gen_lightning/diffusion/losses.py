@@ -58,13 +58,20 @@ class DiffusionLoss:
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
+        pixel_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Weighted loss of each sample for given t and noise (for logging per-t losses or custom t sampling)."""
+        """Weighted loss of each sample for given t and noise (for logging per-t losses or custom t sampling).
+
+        pixel_weight: optional per-pixel weights broadcastable to x0 (e.g. [N, 1, H, W]) that multiply the squared
+        error before the mean over pixels; keep their mean at 1 per sample to leave the loss scale unchanged."""
         x_t = q_sample(self.schedule, x0, t, noise)
         target = training_target(self.prediction_type, x0, noise, self.schedule.alpha_bar(t, dtype=x0.dtype))
         # At least float32 for the reduction so bf16 autocast outputs do not lose the small squared errors.
         dtype = torch.promote_types(x0.dtype, torch.float32)
-        err = (model(x_t, t).to(dtype) - target.to(dtype)).pow(2).reshape(x0.shape[0], -1).mean(dim=1)
+        squared = (model(x_t, t).to(dtype) - target.to(dtype)).pow(2)
+        if pixel_weight is not None:
+            squared = squared * pixel_weight.to(dtype)
+        err = squared.reshape(x0.shape[0], -1).mean(dim=1)
         return self.weight(t, dtype) * err
 
     def __call__(
@@ -72,9 +79,10 @@ class DiffusionLoss:
         model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
+        pixel_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scalar loss with t ~ U{0..T-1} and eps ~ N(0, I); `generator` makes both reproducible (any device)."""
         gen_device = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=gen_device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
-        return self.per_sample(model, x0, t.to(x0.device), noise.to(x0.device)).mean()
+        return self.per_sample(model, x0, t.to(x0.device), noise.to(x0.device), pixel_weight).mean()

@@ -90,9 +90,15 @@ class DiffusionModel(GenerativeModule):
         """model(x_t, t) -> prediction, bound to the batch's conditioning (none here)."""
         return self.ema.shadow if use_ema else self.unet
 
+    def pixel_weight(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Per-pixel loss weights (mean 1 per sample), or None for a plain mean over pixels (here)."""
+        return None
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = self.diffusion_input(batch)
-        loss = self.loss_fn(self.denoiser(batch, use_ema=False, training=True), x0)
+        loss = self.loss_fn(
+            self.denoiser(batch, use_ema=False, training=True), x0, pixel_weight=self.pixel_weight(batch)
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
@@ -100,7 +106,8 @@ class DiffusionModel(GenerativeModule):
         x0 = self.diffusion_input(batch)
         # A fixed generator per batch: val/loss is comparable between evaluations, not re-drawn noise.
         generator = torch.Generator(device=x0.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
-        loss = self.loss_fn(self.denoiser(batch, use_ema=True, training=False), x0, generator=generator)
+        denoiser = self.denoiser(batch, use_ema=True, training=False)
+        loss = self.loss_fn(denoiser, x0, generator=generator, pixel_weight=self.pixel_weight(batch))
         self.log("val/loss", loss, sync_dist=True, batch_size=x0.shape[0])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

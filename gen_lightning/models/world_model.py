@@ -14,6 +14,12 @@ of a random level in [0, context_noise], and the level is given to the model. A 
 context drifts in an autoregressive rollout, where its own slightly wrong frames become the next context; one trained
 to look through noisy context corrects them. At sampling time the level is `sample_context_noise` (default 0).
 
+Loss weighted toward what changes (`change_weight`): most of a next screen equals the last one, and the pixels that
+make an action's effect (a typed glyph, a ticked box) are a few percent of the frame, so a plain mean over pixels
+spends most of a small model's training on copying. With change_weight = λ > 0, a pixel that differs from the newest
+context frame (by more than CHANGE_THRESHOLD in any channel, grown by one pixel) weighs 1 + λ, the rest 1; the
+weights are rescaled to mean 1 per sample, so frames where nothing changes train as before.
+
 What is diffused: `target="frame"` (default) is the next frame; `target="delta"` is the change from the newest context
 frame, halved so it stays in [-1, 1] (clip_sample applies to it). Measured on the Tk desktop after 20 CPU-minutes
 (bench/RESULTS.md): "delta" scores better one-step PSNR (most of the screen does not change, and a zero change keeps
@@ -42,6 +48,9 @@ IMAGE_CHANNELS = 3
 COND_DIM = ACTION_DIM + 1
 NULL_ACTION = {"x": 0.5, "y": 0.5, "button": 0, "click": 0, "key": ""}
 TARGETS = ("delta", "frame")
+# A pixel counts as changed when a channel moves by more than this (images in [-1, 1]: ~10 of 255 levels); PNG frames
+# of the same screen are identical, so any small threshold separates "changed" from "not".
+CHANGE_THRESHOLD = 0.08
 
 
 def cursor_map(action: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
@@ -63,6 +72,7 @@ class WorldModel(DiffusionModel):
     context_noise: largest context-noise level in training (0 disables the augmentation).
     sample_context_noise: the level the model is told (and that is added) at sampling time.
     cursor_sigma: width in pixels of the cursor-position channel's bump.
+    change_weight: λ, the extra loss weight of pixels that change from the newest context frame (0: plain mean).
     """
 
     def __init__(
@@ -75,10 +85,13 @@ class WorldModel(DiffusionModel):
         context_noise: float = 0.3,
         sample_context_noise: float = 0.0,
         cursor_sigma: float = 1.5,
+        change_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if target not in TARGETS:
             raise ValueError(f"model.target={target!r}: expected one of {TARGETS}")
+        if change_weight < 0:
+            raise ValueError(f"model.change_weight={change_weight}: must be >= 0")
         if context_frames < 1:
             raise ValueError(f"model.context_frames={context_frames}: needs at least one previous frame")
         if not 0.0 <= sample_context_noise <= max(context_noise, 0.0) or context_noise < 0:
@@ -165,6 +178,18 @@ class WorldModel(DiffusionModel):
         if self.hparams.target == "frame":
             return next_frame
         return (next_frame - frames[:, -1]) / 2  # keeps next_frame's memory format
+
+    def pixel_weight(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """[N, 1, H, W] weights, mean 1 per sample: 1 + change_weight where the next frame differs from the newest
+        context frame (see the module docstring), 1 elsewhere; None when change_weight is 0."""
+        change_weight = self.hparams.get("change_weight", 0.0)  # absent from checkpoints older than the option
+        if not change_weight:
+            return None
+        frames, _ = self.check_batch(batch)
+        change = (batch["image"] - frames[:, -1]).abs().amax(dim=1, keepdim=True) > CHANGE_THRESHOLD
+        grown = torch.nn.functional.max_pool2d(change.float(), kernel_size=3, stride=1, padding=1)
+        weight = 1 + change_weight * grown
+        return weight / weight.mean(dim=(1, 2, 3), keepdim=True)
 
     def to_frame(self, sampled: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """The next frame from what the sampler produced (the frame, or the halved change from the newest context)."""
