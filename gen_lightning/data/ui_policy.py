@@ -28,8 +28,13 @@ class Step:
 
 # What the user sets out to do when no menu is open and it is not typing, with how often (weights).
 GOALS = {"toggle": 24, "checkbox": 22, "entry": 16, "menu": 14, "panel": 4, "wander": 10, "drag": 5, "stray_key": 5}
-# What it types into the focused entry: mostly letters, sometimes digits, spaces, corrections, Return (clears), Tab.
-TYPING = {"letter": 72, "digit": 8, "space": 8, "BackSpace": 8, "Return": 2, "Tab": 2}
+# What it types into the focused entry: a burst that is a short word (its letters in order, sometimes a space after),
+# or one to three other keys (any letter, digits, spaces, corrections, Return (clears), Tab). People type words: a
+# small vocabulary gives each glyph enough examples for a small model to learn to draw it, and the stray letters
+# keep the whole alphabet in the data.
+WORD_SHARE = 0.6
+WORDS = ("hi", "hello", "ok", "yes", "no", "cat", "dog", "sun", "go", "red", "blue", "on", "off", "box", "abc", "test")
+TYPING = {"letter": 45, "digit": 10, "space": 10, "BackSpace": 20, "Return": 10, "Tab": 5}
 _MARGIN = 4  # clicks land at least this far inside a widget, as a person's would
 
 
@@ -65,7 +70,7 @@ class ScriptedPolicy:
                 return [Step("move", *self._point(boxes[item]), target=item)]
             return [self._click_outside(boxes)]  # closes the menu; the click reaches nothing else
         if state["entry_focused"] and rng.random() < 0.6:
-            return [Step("key", *pointer, target="entry", key=self._typed_key()) for _ in range(rng.randint(1, 5))]
+            return [Step("key", *pointer, target="entry", key=key) for key in self._typing_burst()]
         goal = rng.choices(list(GOALS), weights=list(GOALS.values()))[0]
         if goal in boxes:
             return self._approach(pointer, goal, boxes[goal], max_moves=3)
@@ -105,6 +110,11 @@ class ScriptedPolicy:
             x, y = self._point((0, 0, ui_app.SCREEN, ui_app.SCREEN), margin=0)
             if not any(_inside((x, y), box) for box in menu):
                 return Step("click", x, y, target=_under((x, y), boxes))
+
+    def _typing_burst(self) -> list[str]:
+        if self.rng.random() < WORD_SHARE:
+            return [*self.rng.choice(WORDS), *(["space"] if self.rng.random() < 0.5 else [])]
+        return [self._typed_key() for _ in range(self.rng.randint(1, 3))]
 
     def _typed_key(self) -> str:
         kind = self.rng.choices(list(TYPING), weights=list(TYPING.values()))[0]
