@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gen_lightning.interrupts import sigterm_as_interrupt
+
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 log = logging.getLogger("gen_lightning")
 
@@ -162,6 +164,18 @@ def shards_main(args: Sequence[str]) -> None:
     encode.add_argument("--samples-per-shard", type=int, default=64)
     encode.add_argument("--device", default="cpu")
     ns = parser.parse_args(args)
+    # A `kill` or a scheduler's time-out ends the writer like Ctrl-C: no half-written .tmp shards left behind.
+    with sigterm_as_interrupt():
+        manifest = _write_shards(ns)
+    splits = ", ".join(
+        f"{name}: {s['num_samples']} samples in {len(s['shards'])} shards" for name, s in manifest["splits"].items()
+    )
+    skipped = manifest.get("skipped") or {}
+    print(f"wrote {Path(ns.out) / 'manifest.json'} ({splits}; skipped: {sum(skipped.values())} {dict(skipped)})")
+
+
+def _write_shards(ns: argparse.Namespace) -> dict:
+    """Run the writer of `gen-lightning shards <source>`; its manifest."""
     if ns.source == "encode":
         from gen_lightning.data.latent_source import write_latent_shards
 
@@ -181,11 +195,7 @@ def shards_main(args: Sequence[str]) -> None:
         from gen_lightning.data.folder_source import write_folder_shards
 
         manifest = write_folder_shards(ns.src, ns.out, ns.size, ns.samples_per_shard, ns.val_fraction)
-    splits = ", ".join(
-        f"{name}: {s['num_samples']} samples in {len(s['shards'])} shards" for name, s in manifest["splits"].items()
-    )
-    skipped = manifest.get("skipped") or {}
-    print(f"wrote {Path(ns.out) / 'manifest.json'} ({splits}; skipped: {sum(skipped.values())} {dict(skipped)})")
+    return manifest
 
 
 # --- sample -----------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import base64
 import io
 import json
 import logging
-import signal
 import threading
 import time
 from collections import deque
@@ -35,6 +34,7 @@ from PIL import Image
 from gen_lightning.data.ui_actions import check_action
 from gen_lightning.errors import UserInputError
 from gen_lightning.images import to_uint8
+from gen_lightning.interrupts import sigterm_as_interrupt
 from gen_lightning.models.world_model import WorldModel
 from gen_lightning.play_page import PAGE
 
@@ -259,15 +259,9 @@ def make_server(session: PlaySession, host: str = "127.0.0.1", port: int = 0) ->
         raise UserInputError(f"--host {host} --port {port}: cannot listen there ({err.strerror})") from err
 
 
-def _stop_on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def serve(server: PlayServer) -> None:
     """Serve until Ctrl-C or SIGTERM (what `kill` and job schedulers send), after telling the person where to point a
     browser."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     port = server.server_address[1]
     print(f"gen-lightning play: open {server.url} (Ctrl-C stops)", flush=True)
     print(
@@ -275,7 +269,8 @@ def serve(server: PlayServer) -> None:
         flush=True,
     )
     try:
-        server.serve_forever()
+        with sigterm_as_interrupt():
+            server.serve_forever()
     except KeyboardInterrupt:
         print("gen-lightning play: stopped", flush=True)
     finally:

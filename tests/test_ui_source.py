@@ -6,6 +6,10 @@ import ctypes.util
 import io
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +267,40 @@ def test_replay_policy_drives_the_app_through_a_fixed_script():
     assert samples[-1]["action.json"]["key"] == "h"
     with pytest.raises(ValueError, match="only 6 steps"):
         policy.next_step({"boxes": {}}, (0, 0))
+
+
+def test_sigterm_stops_the_recorder_without_leaving_temporary_shards(tmp_path):
+    # `kill` and schedulers send SIGTERM; Python's default would die at once and skip the clean-up of the shard
+    # being written and of the private Xvfb and app.
+    out = tmp_path / "ui"
+    command = [sys.executable, "-m", "gen_lightning.cli", "shards", "ui", "--out", str(out), "--episodes", "400",
+               "--samples-per-shard", "8"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".tmp-*")) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert list(out.glob(".tmp-*")), "the recorder never started a shard"
+        children = _children(process.pid)
+        assert any("Xvfb" in name for name in children.values()), children
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        process.kill()
+    assert process.returncode != 0 and "KeyboardInterrupt" in output, output[-2000:]
+    assert not list(out.glob(".tmp-*")) and not (out / "manifest.json").exists()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children), children  # Xvfb and the app are gone
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Child processes of pid (pid -> command name), from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            name, ppid = fields[0].split("(", 1)[1], int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found[int(stat.parent.name)] = name
+    return found
