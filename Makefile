@@ -61,7 +61,7 @@ text2image: data/emoji_latents/manifest.json
 		--prompt "red circle" --prompt "cherries" --prompt "panda" --n 8 --guidance 3 --out runs/ldm_emoji/prompts.png
 	@echo "prompt grid: runs/ldm_emoji/prompts.png   W&B offline runs: runs/vae_emoji/wandb/ runs/ldm_emoji/wandb/"
 
-# World model (~2 min of recording + ~20 CPU-minutes of training): a Tk app on Xvfb driven by a scripted user, the
+# World model (~2 min of recording + ~23 CPU-minutes of training): a Tk app on Xvfb driven by a scripted user, the
 # action-conditioned model, its held-out metrics (JSON) and a scripted rollout next to the real app.
 data/ui/manifest.json: | setup
 	$(VENV)/bin/gen-lightning shards ui --out data/ui
