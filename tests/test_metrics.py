@@ -114,6 +114,7 @@ def test_two_process_fid_equals_single_process(tmp_path):
         [
             sys.executable,
             str(REPO / "tests" / "metrics_dist_probe.py"),
+            "generative",
             str(tmp_path / "features.pt"),
             str(tmp_path),
             str(free_port()),

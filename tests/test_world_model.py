@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from gen_lightning.metrics.world import MeanVector, WorldMetrics, cursor_hits, c
 from gen_lightning.models.loading import load_model
 from gen_lightning.models.world_model import CHANGE_THRESHOLD, WorldModel, cursor_map
 from tests.conftest import REPO, WORLD_CONTEXT, WORLD_SIZE
+from tests.test_datamodule import free_port
 from tests.wandb_reader import history
 from tests.world_toy import toy_frame, toy_world_samples
 
@@ -226,6 +229,41 @@ def test_world_metrics_psnr_baseline_and_nan_handling():
     mean = MeanVector(2)
     mean.update(torch.tensor([[1.0, float("nan")], [3.0, 2.0]]))
     assert mean.compute().tolist() == [2.0, 2.0]
+
+
+def test_two_process_world_metrics_equal_single_process(tmp_path):
+    # The callback's metrics on several ranks: each rank scores its share (here 5 and 3 samples), torchmetrics sums
+    # the sums and counts; the result must equal one process scoring all of them.
+    generator = torch.Generator().manual_seed(0)
+    real = torch.stack([to_tensor(toy_frame(16, i % 2 == 0, 0.2 + 0.08 * i, 0.5)) for i in range(8)])[:, 0]
+
+    def noisy(frames: torch.Tensor, level: float) -> torch.Tensor:
+        return (frames + level * torch.randn(frames.shape, generator=generator)).clamp(-1, 1)
+
+    data = {
+        "split": 5,
+        "predicted": noisy(real, 0.2),
+        "real": real,
+        "last": noisy(real, 0.1),
+        "rollout_predicted": noisy(real[:, None].expand(8, 3, *real.shape[1:]), 0.3),
+        "rollout_real": noisy(real[:, None].expand(8, 3, *real.shape[1:]), 0.05),
+        "start": noisy(real, 0.4),
+    }
+    torch.save(data, tmp_path / "frames.pt")
+    probe = [sys.executable, str(REPO / "tests" / "metrics_dist_probe.py"), "world", str(tmp_path / "frames.pt")]
+    subprocess.run([*probe, str(tmp_path), str(free_port())], check=True, timeout=180, cwd=REPO)
+    single = WorldMetrics(rollout_steps=3)
+    single.update_one_step(data["predicted"], data["real"], data["last"])
+    single.update_rollout(data["rollout_predicted"], data["rollout_real"], data["start"])
+    expected = single.compute()
+    first_rank_only = WorldMetrics(rollout_steps=3)
+    first_rank_only.update_one_step(data["predicted"][:5], data["real"][:5], data["last"][:5])
+    assert first_rank_only.compute()["psnr"] != pytest.approx(expected["psnr"], rel=1e-6)  # the shares differ
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            assert got[name] == pytest.approx(value, rel=1e-9, nan_ok=True), name
 
 
 def test_episodes_are_rebuilt_in_step_order_from_shuffled_batches(toy_world):
