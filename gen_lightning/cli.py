@@ -469,6 +469,9 @@ def console_main() -> None:
         main()
     except UserInputError as error:
         sys.exit(f"gen-lightning: error: {error}")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where a command turns it into one: clean-ups have run by now
+        print("gen-lightning: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
