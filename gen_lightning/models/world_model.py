@@ -18,7 +18,8 @@ Loss weighted toward what changes (`change_weight`): most of a next screen equal
 make an action's effect (a typed glyph, a ticked box) are a few percent of the frame, so a plain mean over pixels
 spends most of a small model's training on copying. With change_weight = λ > 0, a pixel that differs from the newest
 context frame (by more than CHANGE_THRESHOLD in any channel, grown by one pixel) weighs 1 + λ, the rest 1; the
-weights are rescaled to mean 1 per sample, so frames where nothing changes train as before.
+weights are rescaled to mean 1 per sample, so frames where nothing changes train as before. val/loss is weighted the
+same way: compare it only between runs with the same change_weight.
 
 What is diffused: `target="frame"` (default) is the next frame; `target="delta"` is the change from the newest context
 frame, halved so it stays in [-1, 1] (clip_sample applies to it). Measured on the Tk desktop after 20 CPU-minutes
