@@ -7,6 +7,10 @@ The second term is a baseline from the same images scored against a derangement 
 with a prompt not its own), so a positive gap means the images follow their prompts, and the gap should grow with
 the guidance weight. Also writes a grid (one row per prompt, one column per guidance weight) for the README.
 
+Before sampling it reports how much the model uses the text at all: the denoising loss on held-out latents (fixed
+noise, a few fixed t) with each sample's own caption, with a shuffled caption and with the empty caption. A model
+that ignores its text has the same loss for all three; "caption use" is 1 − own / empty.
+
     .venv/bin/python -m bench.prompt_adherence --ldm runs/ldm_emoji/checkpoints/last.ckpt \\
         --clip runs/clip_emoji/checkpoints/last.ckpt --data data/emoji --num-prompts 128 --guidance 1 3
 """
@@ -51,6 +55,29 @@ def generate(model, prompts: list[str], weight: float, steps: int, seed: int) ->
     return torch.cat([model.sample(len(c), cond=c, guidance=weight, steps=steps, generator=generator) for c in chunks])
 
 
+@torch.no_grad()
+def caption_losses(model, batch: dict, timesteps: list[int], seed: int) -> dict[str, float]:
+    """Mean denoising loss over `timesteps` with own / shuffled / empty captions (same latents, t and noise)."""
+    x0 = model.diffusion_input(batch)
+    captions = list(batch["caption"])
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=generator)
+    variants = {
+        "own": captions,
+        "shuffled": [captions[j] for j in derangement(len(captions), seed)],
+        "empty": [""] * len(captions),
+    }
+    losses = {}
+    for name, variant in variants.items():
+        denoiser = model.denoiser(dict(batch, caption=variant), use_ema=True, training=False)
+        per_t = [
+            model.loss_fn.per_sample(denoiser, x0, torch.full((len(captions),), t), noise).mean() for t in timesteps
+        ]
+        losses[name] = float(torch.stack(per_t).mean())
+    losses["caption use"] = 1.0 - losses["own"] / losses["empty"]
+    return losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ldm", required=True, help="LatentDiffusionModel checkpoint")
@@ -67,12 +94,15 @@ def main() -> None:
 
     model = load_model(args.ldm)
     encoder = load_text_image_encoder(args.clip)
-    data = ShardDataModule(val=args.data, image_size=int(model.hparams.image_size), batch_size=64, num_workers=0)
+    data = ShardDataModule(val=args.data, image_size=int(model.hparams.image_size), batch_size=128, num_workers=0)
     data.setup("validate")
+    losses = caption_losses(model.eval(), next(iter(data.val_dataloader())), [300, 500, 700, 850], args.seed)
+    print("denoising loss on 128 held-out samples: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     prompts = val_captions(data.val_dataloader())
     prompts = random.Random(args.seed).sample(prompts, min(args.num_prompts, len(prompts)))
     other = [prompts[j] for j in derangement(len(prompts), args.seed)]
     report: dict = {"ldm": args.ldm, "clip": args.clip, "num_prompts": len(prompts), "steps": args.steps}
+    report["caption_losses"] = losses
     for weight in args.guidance:
         images = generate(model, prompts, weight, args.steps, args.seed)
         own, shuffled = clip_score(encoder, images, prompts), clip_score(encoder, images, other)

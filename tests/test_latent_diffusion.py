@@ -19,6 +19,7 @@ from gen_lightning.models.clip import CLIPModel
 from gen_lightning.models.latent_diffusion import LatentDiffusionModel
 from gen_lightning.models.loading import load_model
 from gen_lightning.models.vae import VAEModel
+from gen_lightning.nn.layers import SpatialAttention
 from gen_lightning.nn.text import TextConfig
 from gen_lightning.nn.vision import VisionConfig
 from tests.conftest import save_checkpoint, toy_data_args
@@ -43,6 +44,45 @@ def test_unet_runs_in_the_vae_latent_space_with_text_cross_attention(tiny_vae_ch
     optimized = {id(p) for group in groups for p in group["params"]}
     assert optimized.isdisjoint(id(p) for p in model.vae.parameters())
     assert {id(p) for p in model.text_encoder.parameters()} <= optimized  # the small text transformer trains
+
+
+def test_pooled_caption_state_reaches_the_time_embedding(tiny_vae_checkpoint):
+    """pooled_text: the EOT token's hidden state of each caption is the UNet's per-sample cond embedding (added to the
+    time embedding), so the prediction depends on the caption even with the cross-attention outputs zeroed."""
+    model = tiny_ldm(tiny_vae_checkpoint).eval()
+    assert model.unet.cond_proj is not None and model.unet.cond_proj.in_features == 16
+    seen: list[torch.Tensor] = []
+    model.unet.cond_proj.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    captions = ["red heart", "blue cat face"]
+    x, t = torch.randn(2, *model.sample_shape), torch.tensor([500, 500])
+    model.denoiser({"caption": captions}, use_ema=False, training=False)(x, t)
+    tokens, _ = model.text_encoder.tokenize(captions)
+    expected = model.text_encoder(tokens)[torch.arange(2), torch.tensor([len("red heart"), len(captions[1])]) + 1]
+    torch.testing.assert_close(seen[0], expected)
+    with torch.no_grad():
+        for p in model.unet.parameters():  # zero-initialised output layers would hide any input: wake them
+            if not p.any():
+                p.normal_(std=0.1)
+        for module in model.unet.modules():  # then silence the text's other path; the pooled state must still steer
+            if isinstance(module, SpatialAttention) and module.cross_attn is not None:
+                module.cross_attn.out.weight.zero_()
+    outputs = [model.denoiser({"caption": [c] * 2}, use_ema=False, training=False)(x, t) for c in captions]
+    assert not torch.allclose(outputs[0], outputs[1])
+    assert tiny_ldm(tiny_vae_checkpoint, pooled_text=False).unet.cond_proj is None
+
+
+def test_captions_are_encoded_only_as_long_as_the_longest_one(tiny_vae_checkpoint):
+    """The padding is trimmed to the batch's longest caption; the states of real tokens and the pooled state are the
+    ones the full context gives (causal encoder)."""
+    model = tiny_ldm(tiny_vae_checkpoint).eval()
+    captions = ["cat", "red heart"]
+    hidden, mask, pooled = model.encode_captions(captions)
+    assert hidden.shape[1] == mask.shape[1] == len("red heart") + 2  # SOT, bytes, EOT
+    tokens, _ = model.text_encoder.tokenize(captions)
+    full = model.text_encoder(tokens)
+    assert tokens.shape[1] == 16 > hidden.shape[1]
+    torch.testing.assert_close(hidden[mask], full[:, : hidden.shape[1]][mask])
+    torch.testing.assert_close(pooled, full[torch.arange(2), torch.tensor([4, 10])])
 
 
 def test_caption_dropout_rate():
