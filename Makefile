@@ -42,12 +42,17 @@ demo: setup $(DATA)/manifest.json
 		--out $(RUN)/samples.png
 	@echo "sample grid: $(RUN)/samples.png   W&B offline run: $(RUN)/wandb/"
 
-# CLIP on emoji + names (~20 CPU-minutes): retrieval / zero-shot numbers in its W&B run; the CLIP score's encoder.
-clip: setup $(DATA)/manifest.json
+# CLIP on emoji + names (~20 CPU-minutes): retrieval / zero-shot numbers in its W&B run; the CLIP score's encoder and
+# the text encoder of text-to-image below.
+CLIP_CKPT := runs/clip_emoji/checkpoints/last.ckpt
+$(CLIP_CKPT): | setup $(DATA)/manifest.json
 	$(VENV)/bin/gen-lightning fit --config configs/clip_emoji.yaml
 
-# Text-to-image in two stages (~20 CPU-minutes each): the VAE, its latents stored once, latent diffusion, then a grid for
-# four prompts held out of training (val captions) at guidance 3. bench/prompt_adherence.py scores it with the CLIP.
+clip: $(CLIP_CKPT)
+
+# Text-to-image in stages of under 20 CPU-minutes each: the VAE, its latents stored once, the CLIP (its frozen text
+# tower encodes the prompts), latent diffusion, then a grid for eight prompts held out of training (val captions) at
+# guidance 3. bench/prompt_adherence.py scores it with the CLIP.
 runs/vae_emoji/checkpoints/last.ckpt: | setup $(DATA)/manifest.json
 	$(VENV)/bin/gen-lightning fit --config configs/vae_emoji.yaml
 
@@ -55,10 +60,12 @@ data/emoji_latents/manifest.json: runs/vae_emoji/checkpoints/last.ckpt
 	$(VENV)/bin/gen-lightning shards encode --vae runs/vae_emoji/checkpoints/last.ckpt --data $(DATA) \
 		--out data/emoji_latents
 
-text2image: data/emoji_latents/manifest.json
-	$(VENV)/bin/gen-lightning fit --config configs/ldm_emoji.yaml
+text2image: data/emoji_latents/manifest.json $(CLIP_CKPT)
+	$(VENV)/bin/gen-lightning fit --config configs/ldm_emoji.yaml --model.init_args.text=null \
+		--model.init_args.clip_checkpoint=$(CLIP_CKPT)
 	$(VENV)/bin/gen-lightning sample --ckpt runs/ldm_emoji/checkpoints/last.ckpt --prompt "blue heart" \
-		--prompt "red circle" --prompt "cherries" --prompt "panda" --n 8 --guidance 3 --out runs/ldm_emoji/prompts.png
+		--prompt "red circle" --prompt "yellow circle" --prompt "green square" --prompt "cherries" --prompt "panda" \
+		--prompt "woman pilot" --prompt "cloud" --n 8 --guidance 3 --seed 0 --out runs/ldm_emoji/prompts.png
 	@echo "prompt grid: runs/ldm_emoji/prompts.png   W&B offline runs: runs/vae_emoji/wandb/ runs/ldm_emoji/wandb/"
 
 # World model (~2 min of recording + ~23 CPU-minutes of training): a Tk app on Xvfb driven by a scripted user, the

@@ -16,6 +16,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def psnr(predicted: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (measured on [0, 1]); identical images give +inf."""
+    mse = (predicted.detach().float().clamp(-1, 1) - real.detach().float().clamp(-1, 1)).div(2).pow(2)
+    return -10 * torch.log10(mse.flatten(1).mean(1))
+
+
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> Image.Image:
     """[-1, 1] NCHW -> one RGB image with `nrow` images per row (default: a square-ish grid)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):

@@ -97,6 +97,8 @@ def test_val_elbo_and_bpd_match_their_terms():
     dims = images[0].numel()
     bpd = (logged["val/recon"] + logged["val/kl"] + dims * math.log(127.5)) / (dims * math.log(2))
     assert logged["val/bpd"] == pytest.approx(bpd, rel=1e-5)  # mean of per-image bpd = bpd of mean (it is affine)
+    mse = (model.decode(model.encode(images)) - images).div(2).pow(2).flatten(1).mean(1)  # on the [0, 1] scale
+    assert logged["val/psnr"] == pytest.approx(float((-10 * mse.log10()).mean()), rel=1e-5)
 
 
 # --- first-stage interface ------------------------------------------------------------------------------------------

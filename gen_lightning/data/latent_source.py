@@ -1,7 +1,8 @@
 """Pre-encoded latent shards: `gen-lightning shards encode --vae CKPT --data SRC --out DIR`.
 
 Latent diffusion spends as long in the frozen VAE encoder as in the UNet on every training step (on 64×64 emoji the
-encoder's full-resolution convolutions cost about what the 16×16 UNet does). Encoding the data set once removes that.
+encoder's full-resolution convolutions cost about what the UNet on 16×16 latents does). Encoding the data set once
+removes that.
 Each sample keeps all its members (image, caption, json) and gains `latent.npy` (float32 posterior mode, C×h×w), and its
 json gains `latent: {vae_sha256, image_size, shape}` so a model can refuse latents from another VAE instead of silently
 decoding them wrongly. Train/val splits follow the source's keys, so they are the same samples as the source's.

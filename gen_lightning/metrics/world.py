@@ -21,6 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from gen_lightning.data.ui_actions import CURSOR_RGB
+from gen_lightning.images import psnr
 
 
 class MeanVector(Metric):
@@ -45,12 +46,6 @@ class MeanVector(Metric):
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
     return (images.detach().float().clamp(-1, 1) + 1) / 2
-
-
-def psnr(predicted: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Per-frame PSNR in dB of images in [-1, 1] (measured on [0, 1]); identical frames give +inf."""
-    mse = (_unit(predicted) - _unit(real)).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse)
 
 
 def ssim(predicted: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gen_lightning.images import make_grid, save_image_atomic
+from gen_lightning.images import make_grid, psnr, save_image_atomic
 from gen_lightning.models.base import GenerativeModule
 from gen_lightning.nn.autoencoder import Autoencoder, AutoencoderConfig
 from gen_lightning.nn.ema import EMA
@@ -152,6 +152,9 @@ class VAEModel(GenerativeModule):
         self.log("val/kl", kl.mean(), sync_dist=True, batch_size=n)
         self.log("val/elbo", -(recon + kl).mean(), sync_dist=True, batch_size=n)
         self.log("val/bpd", bits_per_dim(recon + kl, dims).mean(), sync_dist=True, batch_size=n)
+        # PSNR of what latent diffusion gets back: the posterior mode, decoded, against the 8-bit image.
+        clean = batch["image"].to(self.device)
+        self.log("val/psnr", psnr(self.decode(self.encode(clean)), clean).mean(), sync_dist=True, batch_size=n)
         if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self.log_reconstructions(batch["image"])
 
