@@ -51,8 +51,8 @@ $(CLIP_CKPT): | setup $(DATA)/manifest.json
 clip: $(CLIP_CKPT)
 
 # Text-to-image in stages of under 20 CPU-minutes each: the VAE, its latents stored once, the CLIP (its frozen text
-# tower encodes the prompts), latent diffusion, then a grid for eight prompts held out of training (val captions) at
-# guidance 3. bench/prompt_adherence.py scores it with the CLIP.
+# tower encodes the prompts), latent diffusion, then grids for two sets of eight prompts held out of training (val
+# captions; README "Text-to-image") at guidance 3. bench/prompt_adherence.py scores it with the CLIP.
 runs/vae_emoji/checkpoints/last.ckpt: | setup $(DATA)/manifest.json
 	$(VENV)/bin/gen-lightning fit --config configs/vae_emoji.yaml
 
@@ -63,10 +63,16 @@ data/emoji_latents/manifest.json: runs/vae_emoji/checkpoints/last.ckpt
 text2image: data/emoji_latents/manifest.json $(CLIP_CKPT)
 	$(VENV)/bin/gen-lightning fit --config configs/ldm_emoji.yaml --model.init_args.text=null \
 		--model.init_args.clip_checkpoint=$(CLIP_CKPT)
+	$(VENV)/bin/gen-lightning sample --ckpt runs/ldm_emoji/checkpoints/last.ckpt --prompt "satellite" \
+		--prompt "wheelchair symbol" --prompt "couple with heart person person medium-dark skin tone medium skin tone" \
+		--prompt "merman" --prompt "woman tipping hand dark skin tone" --prompt "woman scientist" \
+		--prompt "thermometer" --prompt "person getting massage medium skin tone" --n 8 --guidance 3 --seed 0 \
+		--out runs/ldm_emoji/heldout.png
 	$(VENV)/bin/gen-lightning sample --ckpt runs/ldm_emoji/checkpoints/last.ckpt --prompt "blue heart" \
 		--prompt "red circle" --prompt "yellow circle" --prompt "green square" --prompt "cherries" --prompt "panda" \
 		--prompt "woman pilot" --prompt "cloud" --n 8 --guidance 3 --seed 0 --out runs/ldm_emoji/prompts.png
-	@echo "prompt grid: runs/ldm_emoji/prompts.png   W&B offline runs: runs/vae_emoji/wandb/ runs/ldm_emoji/wandb/"
+	@echo "prompt grids: runs/ldm_emoji/heldout.png runs/ldm_emoji/prompts.png"
+	@echo "W&B offline runs: runs/vae_emoji/wandb/ runs/clip_emoji/wandb/ runs/ldm_emoji/wandb/"
 
 # World model (~2 min of recording + ~23 CPU-minutes of training): a Tk app on Xvfb driven by a scripted user, the
 # action-conditioned model, its held-out metrics (JSON) and a scripted rollout next to the real app.
