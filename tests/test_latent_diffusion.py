@@ -71,6 +71,17 @@ def test_pooled_caption_state_reaches_the_time_embedding(tiny_vae_checkpoint):
     assert tiny_ldm(tiny_vae_checkpoint, pooled_text=False).unet.cond_proj is None
 
 
+def test_checkpoint_from_before_pooled_text_loads_without_it(tiny_vae_checkpoint, tmp_path):
+    """A checkpoint whose hyper-parameters predate `pooled_text` was trained without it and must load as such."""
+    old = tiny_ldm(tiny_vae_checkpoint, pooled_text=False)
+    old._hparams.pop("pooled_text")
+    path = save_checkpoint(old, tmp_path / "old.ckpt")
+    loaded = load_model(path)
+    assert loaded.unet.cond_proj is None and loaded.hparams.pooled_text is False
+    torch.testing.assert_close(loaded.state_dict(), old.state_dict(), equal_nan=True)  # latent_scale: not yet set
+    assert load_model(save_checkpoint(tiny_ldm(tiny_vae_checkpoint), tmp_path / "new.ckpt")).hparams.pooled_text
+
+
 def test_captions_are_encoded_only_as_long_as_the_longest_one(tiny_vae_checkpoint):
     """The padding is trimmed to the batch's longest caption; the states of real tokens and the pooled state are the
     ones the full context gives (causal encoder)."""

@@ -43,6 +43,7 @@ class LatentDiffusionModel(DiffusionModel):
         every residual block sees the caption through its scale/shift, not only the cross-attention layers (Imagen
         and SDXL do the same). Cross-attention alone learns to use the text slowly: after a 1,250-step CPU run the
         held-out loss with the right caption was 1.2% below the loss with none, 3.7% with this (bench/RESULTS.md).
+        Default (None): on for a new model, off for a checkpoint written before the option existed.
     caption_dropout: probability of training on the empty caption instead, which trains the unconditional
         branch that classifier-free guidance needs (10% as in SD/Imagen).
     guidance: default CFG weight w of `sample()` (1 = plain conditional, 0 = unconditional).
@@ -61,7 +62,7 @@ class LatentDiffusionModel(DiffusionModel):
         image_size: int = 64,
         text: TextConfig | None = None,
         clip_checkpoint: str | None = None,
-        pooled_text: bool = True,
+        pooled_text: bool | None = None,
         caption_dropout: float = 0.1,
         guidance: float = 3.0,
         latent_scale: float | None = None,
@@ -89,6 +90,8 @@ class LatentDiffusionModel(DiffusionModel):
         unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())
         unet_config.in_channels = unet_config.out_channels = vae.latent_shape[0]
         unet_config.context_dim = text_encoder.width
+        if pooled_text is None:  # a checkpoint saved before pooled_text existed was trained without it
+            pooled_text = vae_config is None
         unet_config.cond_dim = text_encoder.width if pooled_text else 0
         super().__init__(unet=unet_config, image_size=image_size // factor, **kwargs)
         self.hparams.update(
@@ -96,6 +99,7 @@ class LatentDiffusionModel(DiffusionModel):
             vae_config={k: v for k, v in vae.hparams.items() if not k.startswith("_")},
             text=text_encoder.config.as_dict(),
             text_from_clip=text_from_clip,
+            pooled_text=pooled_text,
             sample_prompts=list(sample_prompts),
         )
         self.vae = vae.requires_grad_(False).eval()
