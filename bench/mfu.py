@@ -2,9 +2,10 @@
 
     .venv/bin/python -m bench.mfu --device cuda --size 256 --batch 32 [--steps 30] [--peak-tflops 989]
 
-The UNet is the latent-diffusion one (`configs/ldm_emoji.yaml` shape scaled up by `--widths`, cross-attention to a
-77-token text context) at `--size`² pixels, i.e. `--size`/8 latents with 4 channels (an f=8 VAE, as Stable
-Diffusion). One step = forward + loss + backward + fused AdamW, under bf16 autocast on CUDA (fp32 on CPU).
+The UNet is our latent-diffusion UNet in a Stable-Diffusion-like shape (widths `--widths`, self- and cross-attention
+below the first level, cross-attention to a 77-token text context) at `--size`² pixels, i.e. `--size`/8 latents with 4
+channels (an f=8 VAE, as Stable Diffusion). One step = forward + loss + backward + fused AdamW, under bf16 autocast on
+CUDA (fp32 on CPU).
 
 FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode records the matmul/conv/SDPA FLOPs of
 one real training step (forward and backward; elementwise ops, norms and the optimizer are not counted, as in the

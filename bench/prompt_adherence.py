@@ -75,6 +75,7 @@ def caption_losses(model, batch: dict, timesteps: list[int], seed: int) -> dict[
         ]
         losses[name] = float(torch.stack(per_t).mean())
     losses["caption use"] = 1.0 - losses["own"] / losses["empty"]
+    losses["samples"] = float(len(captions))
     return losses
 
 
@@ -97,7 +98,8 @@ def main() -> None:
     data = ShardDataModule(val=args.data, image_size=int(model.hparams.image_size), batch_size=128, num_workers=0)
     data.setup("validate")
     losses = caption_losses(model.eval(), next(iter(data.val_dataloader())), [300, 500, 700, 850], args.seed)
-    print("denoising loss on 128 held-out samples: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    held_out = ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "samples")
+    print(f"denoising loss on {losses['samples']:.0f} held-out samples: {held_out}")
     prompts = val_captions(data.val_dataloader())
     prompts = random.Random(args.seed).sample(prompts, min(args.num_prompts, len(prompts)))
     other = [prompts[j] for j in derangement(len(prompts), args.seed)]
