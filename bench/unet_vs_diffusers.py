@@ -11,6 +11,8 @@ best layout (ours: channels_last as configured; diffusers: its default NCHW and,
 1. Training step: forward + MSE loss + backward + fused AdamW step, batch `--batch` at `--size`², median step time.
 2. Sampling: 50 DDIM steps (η=0) for `--batch` images: our `DiffusionModel.sample` vs diffusers' DDIMScheduler
    driving its UNet2DModel (the DDIMPipeline loop), plus DDIMScheduler driving OUR UNet to isolate sampler overhead.
+3. Sampling in lockstep: the same loops advanced one denoising step each in turn, each side's step times summed.
+   A slowdown of the machine that lasts longer than one step (most do) then hits both sides of the ratio alike.
 Runs alternate between the sides `--repeats` times; each ratio is taken within a repeat (ours / the best diffusers
 variant of that repeat) and the median over repeats is reported, so drift of a shared machine cancels. Goal ≤ 0.9.
 Not a test.
@@ -23,11 +25,13 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+from gen_lightning.diffusion import sample_steps
 from gen_lightning.models import DiffusionModel
 
 WIDTHS = (32, 64, 64)
@@ -91,23 +95,48 @@ def train_step_fn(net: Callable, params, x: torch.Tensor, call: Callable) -> Cal
     return step
 
 
-def scheduler_sampling_fn(call: Callable, net: nn.Module, shape: tuple[int, ...], steps: int, channels_last: bool):
+def scheduler_steps(call: Callable, net: nn.Module, shape: tuple[int, ...], steps: int, channels_last: bool):
+    """diffusers' DDIMPipeline loop (DDIMScheduler, eta=0, clip_sample) one step at a time."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
-
-    @torch.no_grad()
-    def sample() -> None:
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=generator)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
         for t in scheduler.timesteps:
             out = call(net, x, t.expand(shape[0]))
             x = scheduler.step(out, t, x, eta=0.0).prev_sample
+            yield
 
-    return sample
+
+def scheduler_sampling_fn(call: Callable, net: nn.Module, shape: tuple[int, ...], steps: int, channels_last: bool):
+    return lambda: deque(scheduler_steps(call, net, shape, steps, channels_last), maxlen=0)
+
+
+def our_steps(model: DiffusionModel, n: int, steps: int):
+    """`DiffusionModel.sample`'s loop (eval mode, the configured DDIM sampler, the raw UNet) one step at a time."""
+    with model.evaluating():
+        sampler = model.make_sampler("ddim", None)
+        yield from sample_steps(model.unet, sampler, (n, *model.sample_shape), steps, device=model.device)
+
+
+def lockstep(loops: dict[str, Iterator]) -> dict[str, float]:
+    """Advance the sampling loops one denoising step each in turn and sum each loop's step times, so a slowdown of
+    the shared machine lasting more than a step (~0.15 s here) hits every side alike."""
+    totals = dict.fromkeys(loops, 0.0)
+    running = dict(loops)
+    done = object()
+    while running:
+        for name, loop in list(running.items()):
+            start = time.perf_counter()
+            stepped = next(loop, done)
+            totals[name] += time.perf_counter() - start
+            if stepped is done:
+                del running[name]
+    return totals
 
 
 def main() -> None:
@@ -160,6 +189,15 @@ def main() -> None:
             seconds = median_time(fn, ns.train_steps if train else 1, warmup=3 if train else 1)
             results[name].append(seconds)
             print(f"repeat {repeat} {name}: {seconds:.4f} s")
+        totals = lockstep({
+            "lockstep ours": our_steps(model, ns.batch, ns.sample_steps),
+            "lockstep diffusers (NCHW)": scheduler_steps(call_diffusers, theirs, shape, ns.sample_steps, False),
+            "lockstep diffusers (channels_last)":
+                scheduler_steps(call_diffusers, theirs_cl, shape, ns.sample_steps, True),
+        })  # fmt: skip
+        for name, seconds in totals.items():
+            results.setdefault(name, []).append(seconds)
+            print(f"repeat {repeat} {name}: {seconds:.4f} s")
     med = {name: statistics.median(values) for name, values in results.items()}
     print("\n| case | median s | runs |\n|---|---|---|")
     for name, value in med.items():
@@ -180,6 +218,8 @@ def main() -> None:
     report("50-step DDIM sampling, ours / best diffusers", ratios("sample ours (DiffusionModel.sample, DDIM)",
            "sample diffusers (DDIMScheduler + UNet2DModel)",
            "sample diffusers (DDIMScheduler + UNet2DModel, channels_last)"), " (goal ≤ 0.9)")  # fmt: skip
+    report("50-step DDIM sampling in lockstep (steps alternate), ours / best diffusers", ratios("lockstep ours",
+           "lockstep diffusers (NCHW)", "lockstep diffusers (channels_last)"), " (goal ≤ 0.9)")  # fmt: skip
     report("same UNet, our sampler / DDIMScheduler", ratios("sample ours (DiffusionModel.sample, DDIM)",
            "sample DDIMScheduler + OUR UNet"), "")  # fmt: skip
 

@@ -19,6 +19,7 @@ from gen_lightning.diffusion import (
     q_posterior_mean_variance,
     q_sample,
     sample_loop,
+    sample_steps,
     spaced_timesteps,
     to_x0_and_eps,
     training_target,
@@ -214,6 +215,17 @@ def test_oracle_ddim_and_ddpm_land_on_data_point(prediction_type: str) -> None:
     sampler = DDPMSampler(sched, prediction_type)
     out = sample_loop(model, sampler, (2, 3, 4, 4), 50, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, x_star, rtol=0, atol=1e-4)
+
+
+def test_sample_steps_yields_each_step_and_ends_where_sample_loop_does() -> None:
+    sched = NoiseSchedule.from_name("linear", 1000)
+    model = _oracle(sched, torch.linspace(-0.9, 0.9, 12).reshape(1, 3, 2, 2), "epsilon")
+    sampler = DDPMSampler(sched)  # stochastic: the same generator seed must give the same draws in both loops
+    steps = list(sample_steps(model, sampler, (1, 3, 2, 2), 7, generator=torch.Generator().manual_seed(3)))
+    assert [t for t, _ in steps] == sampler.timesteps.tolist() and len(steps) == 7
+    assert not torch.equal(steps[0][1], steps[-1][1])
+    out = sample_loop(model, sampler, (1, 3, 2, 2), 7, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(steps[-1][1], out, rtol=0, atol=0)
 
 
 def test_oracle_zero_terminal_snr_v_prediction() -> None:

@@ -25,6 +25,7 @@ from gen_lightning.diffusion.samplers import (
     DDPMSampler,
     make_sampler,
     sample_loop,
+    sample_steps,
     spaced_timesteps,
 )
 from gen_lightning.diffusion.schedule import SCHEDULE_NAMES, NoiseSchedule, rescale_zero_terminal_snr
@@ -50,6 +51,7 @@ __all__ = [
     "q_sample",
     "rescale_zero_terminal_snr",
     "sample_loop",
+    "sample_steps",
     "spaced_timesteps",
     "to_x0_and_eps",
     "training_target",

@@ -6,7 +6,8 @@ float64 from the schedule and applied in the dtype of x_t.
 """
 
 import math
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -186,6 +187,30 @@ def make_sampler(
 
 
 @torch.no_grad()
+def sample_steps(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sampler: DDIMSampler | DDPMSampler,
+    shape: tuple[int, ...],
+    num_steps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    x_T: torch.Tensor | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The sampling loop one step at a time: yields (t, x after the step from t). For progress, previews, or running
+    two samplers in lockstep (bench/unet_vs_diffusers.py)."""
+    sampler.set_timesteps(num_steps)
+    if x_T is None:
+        if device is None:
+            device = generator.device if generator is not None else "cpu"
+        x_T = _randn_like(torch.empty(shape, device=device, dtype=dtype), generator) * sampler.init_noise_sigma
+    x = x_T
+    for t in sampler.timesteps.tolist():
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        x = sampler.step(model(x, t_batch), t, x, generator=generator)
+        yield t, x
+
+
 def sample_loop(
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     sampler: DDIMSampler | DDPMSampler,
@@ -197,13 +222,5 @@ def sample_loop(
     x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the sampler from x_T ~ N(0, I) (or the given x_T); model gets (x_t, t as int64 [N]) in prediction_type."""
-    sampler.set_timesteps(num_steps)
-    if x_T is None:
-        if device is None:
-            device = generator.device if generator is not None else "cpu"
-        x_T = _randn_like(torch.empty(shape, device=device, dtype=dtype), generator) * sampler.init_noise_sigma
-    x = x_T
-    for t in sampler.timesteps.tolist():
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
-        x = sampler.step(model(x, t_batch), t, x, generator=generator)
-    return x
+    ((_, x_0),) = deque(sample_steps(model, sampler, shape, num_steps, generator, device, dtype, x_T), maxlen=1)
+    return x_0
