@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -48,8 +50,8 @@ def model_kwargs() -> dict:
     return yaml.safe_load(CONFIG.read_text())["model"]["init_args"]
 
 
-def bare_loop(data_dir: str, steps: int, batch_size: int, image_size: int = 32) -> list[float]:
-    """What a user would write by hand: the same pieces, no framework."""
+def bare_steps(data_dir: str, batch_size: int, image_size: int = 32) -> Iterator[None]:
+    """What a user would write by hand: the same pieces, no framework. Yields after each step, forever."""
     from gen_lightning.data.datamodule import ShardDataModule
     from gen_lightning.diffusion import DiffusionLoss, NoiseSchedule
     from gen_lightning.nn.ema import EMA
@@ -69,39 +71,87 @@ def bare_loop(data_dir: str, steps: int, batch_size: int, image_size: int = 32) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     data = ShardDataModule(train=data_dir, image_size=image_size, batch_size=batch_size, num_workers=2)
     data.setup("fit")
+    while True:
+        for batch in data.train_dataloader():
+            images = batch["image"]
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(unet, images)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            ema.update(unet)
+            loss.item()  # the framework logs the loss, which syncs; so does this
+            yield
+
+
+def bare_loop(data_dir: str, steps: int, batch_size: int, image_size: int = 32) -> list[float]:
+    """Step times (between consecutive step ends, data waiting included) of `steps` bare steps."""
     times, last = [], None
-    loader = iter(data.train_dataloader())
+    loop = bare_steps(data_dir, batch_size, image_size)
     for _ in range(steps):
-        try:
-            batch = next(loader)
-        except StopIteration:
-            loader = iter(data.train_dataloader())
-            batch = next(loader)
-        images = batch["image"]
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        loss = loss_fn(unet, images)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        ema.update(unet)
-        loss.item()  # the framework logs the loss, which syncs; so does this
+        next(loop)
         now = time.perf_counter()
         if last is not None:
             times.append(now - last)
         last = now
+    loop.close()  # stops the loader's workers
     return times
+
+
+class LockstepBareLoop(L.Callback):
+    """Runs one bare-loop step after each `gen-lightning fit` step, in the same process, and times both: the fit
+    step is the time from the end of one bare step to the next training-step end (everything Lightning does between
+    two steps, data waiting included), the bare step its own call. A slowdown of the shared machine that lasts more
+    than a step then hits both sides of the ratio alike."""
+
+    fit_times: ClassVar[list[float]] = []
+    bare_times: ClassVar[list[float]] = []
+
+    def __init__(self, data_dir: str, batch_size: int) -> None:
+        self.bare = bare_steps(data_dir, batch_size)
+        self.last: float | None = None
+
+    def on_train_batch_end(self, *args) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            LockstepBareLoop.fit_times.append(now - self.last)
+        next(self.bare)
+        self.last = time.perf_counter()
+        LockstepBareLoop.bare_times.append(self.last - now)
+
+    def on_train_end(self, *args) -> None:
+        self.bare.close()
 
 
 def lightning_fit(data_dir: str, steps: int, batch_size: int, *extra: str) -> list[float]:
     """Step times of `gen-lightning fit` on the demo config (+ `extra` CLI arguments), in a fresh run folder."""
-    from gen_lightning.cli import main
-
     # The CLI imports this file as `bench.overhead`, a different module object than `__main__`: use that one's class.
     timer = importlib.import_module("bench.overhead").StepTimer
     timer.times = []
+    run_fit(data_dir, steps, batch_size, "{class_path: bench.overhead.StepTimer}", *extra)
+    return list(timer.times)
+
+
+def lockstep_fit(data_dir: str, steps: int, batch_size: int) -> tuple[list[float], list[float]]:
+    """(fit step times, bare step times) of one `gen-lightning fit` run with a bare step after each of its steps."""
+    lockstep = importlib.import_module("bench.overhead").LockstepBareLoop
+    lockstep.fit_times, lockstep.bare_times = [], []
+    init_args = {"data_dir": data_dir, "batch_size": batch_size}
+    run_fit(
+        data_dir,
+        steps,
+        batch_size,
+        json.dumps({"class_path": "bench.overhead.LockstepBareLoop", "init_args": init_args}),
+    )
+    return list(lockstep.fit_times), list(lockstep.bare_times)
+
+
+def run_fit(data_dir: str, steps: int, batch_size: int, timing_callback: str, *extra: str) -> None:
+    from gen_lightning.cli import main
+
     main(
         [
             "fit",
@@ -115,12 +165,10 @@ def lightning_fit(data_dir: str, steps: int, batch_size: int, *extra: str) -> li
             "--data.val=null",
             f"--data.batch_size={batch_size}",
             # the grid callback is part of the demo, not of a training step
-            "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.LearningRateMonitor}, "
-            "{class_path: bench.overhead.StepTimer}]",
+            f"--trainer.callbacks=[{{class_path: lightning.pytorch.callbacks.LearningRateMonitor}}, {timing_callback}]",
             *extra,
         ]
     )
-    return list(timer.times)
 
 
 def data_rate(data_dir: str, batch_size: int, image_size: int = 32, batches: int = 60) -> float:
@@ -146,15 +194,24 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    bare, framework = [], []
+    bare, framework, lockstep = [], [], []
     for i in range(args.repeats):
         bare.append(statistics.median(bare_loop(args.data, args.steps, args.batch_size)[WARMUP:]))
         framework.append(statistics.median(lightning_fit(args.data, args.steps, args.batch_size)[WARMUP:]))
-        print(f"repeat {i}: bare {bare[-1]:.4f} s/step, gen-lightning fit {framework[-1]:.4f} s/step")
+        fit_times, bare_times = (times[WARMUP:] for times in lockstep_fit(args.data, args.steps, args.batch_size))
+        lockstep.append((statistics.median(fit_times), statistics.median(bare_times), sum(fit_times) / sum(bare_times)))
+        print(
+            f"repeat {i}: separate runs: bare {bare[-1]:.4f} s/step, gen-lightning fit {framework[-1]:.4f} s/step, "
+            f"ratio {framework[-1] / bare[-1]:.3f}; lockstep: fit {lockstep[-1][0]:.4f}, bare {lockstep[-1][1]:.4f}, "
+            f"ratio of medians {lockstep[-1][0] / lockstep[-1][1]:.3f}, of means {lockstep[-1][2]:.3f}"
+        )
     step = statistics.median(bare)
-    ratio = statistics.median(framework) / step
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}")
-    print(f"step time ratio gen-lightning fit / bare loop: {ratio:.3f}  (goal <= 1.03)")
+    separate = statistics.median(f / b for f, b in zip(framework, bare, strict=True))
+    print(f"step time ratio gen-lightning fit / bare loop, separate runs: {separate:.3f} (median over repeats)")
+    medians = statistics.median(f / b for f, b, _ in lockstep)
+    means = statistics.median(m for _, _, m in lockstep)
+    print(f"  in lockstep: {medians:.3f} (ratio of median steps), {means:.3f} (ratio of mean steps)  (goal <= 1.03)")
     for size in (32, 64):
         # the same UNet's bare step at this size is what training consumes
         size_step = step if size == 32 else statistics.median(bare_loop(args.data, 30, args.batch_size, size)[WARMUP:])

@@ -95,6 +95,7 @@ def train_step_fn(net: Callable, params, x: torch.Tensor, call: Callable) -> Cal
     return step
 
 
+@torch.no_grad()  # as a decorator, grad mode is set around each step: loops in lockstep do not undo each other's
 def scheduler_steps(call: Callable, net: nn.Module, shape: tuple[int, ...], steps: int, channels_last: bool):
     """diffusers' DDIMPipeline loop (DDIMScheduler, eta=0, clip_sample) one step at a time."""
     from diffusers import DDIMScheduler
@@ -105,11 +106,10 @@ def scheduler_steps(call: Callable, net: nn.Module, shape: tuple[int, ...], step
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     scheduler.set_timesteps(steps)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            out = call(net, x, t.expand(shape[0]))
-            x = scheduler.step(out, t, x, eta=0.0).prev_sample
-            yield
+    for t in scheduler.timesteps:
+        out = call(net, x, t.expand(shape[0]))
+        x = scheduler.step(out, t, x, eta=0.0).prev_sample
+        yield
 
 
 def scheduler_sampling_fn(call: Callable, net: nn.Module, shape: tuple[int, ...], steps: int, channels_last: bool):
