@@ -8,7 +8,8 @@ the middle block, 4 heads, AdaGN "scale_shift" time conditioning) and diffusers'
 blocks, heads, group norm and time-embedding width; both parameter counts are printed. Each side runs in its
 best layout (ours: channels_last as configured; diffusers: its default NCHW and, for fairness, channels_last too).
 
-1. Training step: forward + MSE loss + backward + fused AdamW step, batch `--batch` at `--size`², median step time.
+1. Training step: forward + MSE loss + backward + fused AdamW step, batch `--batch` at `--size`², mean step time
+   over `--train-steps` steps after 3 warm-up steps; the three cases take steps in turn (as in 3.).
 2. Sampling: 50 DDIM steps (η=0) for `--batch` images: our `DiffusionModel.sample` vs diffusers' DDIMScheduler
    driving its UNet2DModel (the DDIMPipeline loop), plus DDIMScheduler driving OUR UNet to isolate sampler overhead.
 3. Sampling in lockstep: the same loops advanced one denoising step each in turn, each side's step times summed.
@@ -123,6 +124,12 @@ def our_steps(model: DiffusionModel, n: int, steps: int):
         yield from sample_steps(model.unet, sampler, (n, *model.sample_shape), steps, device=model.device)
 
 
+def repeated(step: Callable[[], None], times: int) -> Iterator[None]:
+    for _ in range(times):
+        step()
+        yield
+
+
 def lockstep(loops: dict[str, Iterator]) -> dict[str, float]:
     """Advance the sampling loops one denoising step each in turn and sum each loop's step times, so a slowdown of
     the shared machine lasting more than a step (~0.15 s here) hits every side alike."""
@@ -165,10 +172,12 @@ def main() -> None:
         return net(inp, t).sample
 
     shape = (ns.batch, 3, ns.size, ns.size)
-    cases: dict[str, Callable[[], None]] = {
+    train_cases = {
         "train ours (channels_last)": train_step_fn(unet, unet.parameters(), x_cl, call_ours),
         "train diffusers (NCHW)": train_step_fn(theirs, theirs.parameters(), x, call_diffusers),
         "train diffusers (channels_last)": train_step_fn(theirs_cl, theirs_cl.parameters(), x_cl, call_diffusers),
+    }
+    sample_cases: dict[str, Callable[[], None]] = {
         "sample ours (DiffusionModel.sample, DDIM)": lambda: model.sample(
             ns.batch, steps=ns.sample_steps, sampler="ddim", use_ema=False
         ),
@@ -182,13 +191,21 @@ def main() -> None:
             call_ours, unet, shape, ns.sample_steps, channels_last=True
         ),
     }
-    results: dict[str, list[float]] = {name: [] for name in cases}
+    results: dict[str, list[float]] = {}
+
+    def record(repeat: int, name: str, seconds: float) -> None:
+        results.setdefault(name, []).append(seconds)
+        print(f"repeat {repeat} {name}: {seconds:.4f} s")
+
     for repeat in range(ns.repeats):
-        for name, fn in cases.items():
-            train = name.startswith("train")
-            seconds = median_time(fn, ns.train_steps if train else 1, warmup=3 if train else 1)
-            results[name].append(seconds)
-            print(f"repeat {repeat} {name}: {seconds:.4f} s")
+        for step in train_cases.values():
+            for _ in range(3):  # warm-up
+                step()
+        totals = lockstep({name: repeated(step, ns.train_steps) for name, step in train_cases.items()})
+        for name, seconds in totals.items():
+            record(repeat, name, seconds / ns.train_steps)
+        for name, fn in sample_cases.items():
+            record(repeat, name, median_time(fn, 1, warmup=1))
         totals = lockstep({
             "lockstep ours": our_steps(model, ns.batch, ns.sample_steps),
             "lockstep diffusers (NCHW)": scheduler_steps(call_diffusers, theirs, shape, ns.sample_steps, False),
@@ -196,8 +213,7 @@ def main() -> None:
                 scheduler_steps(call_diffusers, theirs_cl, shape, ns.sample_steps, True),
         })  # fmt: skip
         for name, seconds in totals.items():
-            results.setdefault(name, []).append(seconds)
-            print(f"repeat {repeat} {name}: {seconds:.4f} s")
+            record(repeat, name, seconds)
     med = {name: statistics.median(values) for name, values in results.items()}
     print("\n| case | median s | runs |\n|---|---|---|")
     for name, value in med.items():
@@ -213,8 +229,8 @@ def main() -> None:
         print(f"{label}: median {statistics.median(values):.3f} (per repeat {listed}){goal}")
 
     print()
-    report("train step, ours / best diffusers", ratios("train ours (channels_last)", "train diffusers (NCHW)",
-           "train diffusers (channels_last)"), " (goal ≤ 0.9)")  # fmt: skip
+    report("train step (steps alternate), ours / best diffusers", ratios("train ours (channels_last)",
+           "train diffusers (NCHW)", "train diffusers (channels_last)"), " (goal ≤ 0.9)")  # fmt: skip
     report("50-step DDIM sampling, ours / best diffusers", ratios("sample ours (DiffusionModel.sample, DDIM)",
            "sample diffusers (DDIMScheduler + UNet2DModel)",
            "sample diffusers (DDIMScheduler + UNet2DModel, channels_last)"), " (goal ≤ 0.9)")  # fmt: skip
