@@ -8,66 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# PyTorch's CPU kernel for channels_last GroupNorm switches algorithm at H*W = 1024 (group_norm_kernel.cpp,
-# feature_map_threshold): below it, each (sample, group) is reduced over a strided column of C/G channels, which
-# vectorises badly when C/G is small (2 for 64 channels in 32 groups: ~8x slower than the NCHW kernel at 16x16).
-CPU_CHANNELS_LAST_COLUMN_KERNEL_BELOW = 1024
 
-
-def channels_last_group_norm(
-    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> torch.Tensor:
-    """F.group_norm for a channels_last [N, C, H, W] tensor, written as per-channel sums over H*W (vectorised over
-    the contiguous C), a per-group combine, and one scale/shift pass; returns channels_last. The statistics are
-    E[x^2] - E[x]^2 in the input dtype, as PyTorch's own channels_last kernel computes them."""
-    n, c, h, w = x.shape
-    per_group = c // num_groups
-    rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view: channels_last memory is [N, H*W, C]
-    count = h * w * per_group
-    mean = rows.sum(1).view(n, num_groups, per_group).sum(-1) / count
-    mean_sq = rows.square().sum(1).view(n, num_groups, per_group).sum(-1) / count
-    rstd = torch.rsqrt((mean_sq - mean * mean).clamp_min(0) + eps)
-    scale = rstd[:, :, None].expand(n, num_groups, per_group)
-    if weight is not None:
-        scale = scale * weight.view(num_groups, per_group)
-    shift = -mean[:, :, None] * scale
-    if bias is not None:
-        shift = shift + bias.view(num_groups, per_group)
-    out = torch.addcmul(shift.reshape(n, 1, c), rows, scale.reshape(n, 1, c))
-    return out.view(n, h, w, c).permute(0, 3, 1, 2)
-
-
-def hits_slow_cpu_kernel(x: torch.Tensor) -> bool:
-    """True for a float32 channels_last CPU feature map below the threshold above."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.dim() == 4
-        and x.shape[2] * x.shape[3] < CPU_CHANNELS_LAST_COLUMN_KERNEL_BELOW
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    )
-
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and state dict) that avoids PyTorch's slow CPU path for small channels_last
-    feature maps in inference (sampling, evaluation); most of a UNet's norms sit at those levels (17 of 24 in the
-    bench/unet_vs_diffusers UNet at 32x32). Training keeps the native kernel, whose backward is faster than autograd
-    through the written-out version. float32 only: the sums run in the input dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, self.weight, self.bias)
-        )
-        if not needs_grad and hits_slow_cpu_kernel(x):
-            return channels_last_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return super().forward(x)
-
-
-def group_norm(channels: int, max_groups: int = 32) -> GroupNorm:
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with the largest group count <= max_groups that divides `channels` (narrow CPU models use 16/24/48)."""
     groups = math.gcd(channels, max_groups)
-    return GroupNorm(groups, channels, eps=1e-6)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
