@@ -12,12 +12,26 @@ from gen_lightning.models.diffusion import DiffusionModel
 
 
 class NaNLossDiffusion(DiffusionModel):
-    """DiffusionModel whose loss is NaN at the given global steps (from `nan_from` on, if set)."""
+    """DiffusionModel whose loss is NaN at the given global steps (from `nan_from` on, if set), or whose loss stays
+    finite while one element of one gradient is +inf (`inf_grad_steps`)."""
 
-    def __init__(self, *args: Any, nan_steps: list[int] | None = None, nan_from: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        nan_steps: list[int] | None = None,
+        nan_from: int | None = None,
+        inf_grad_steps: list[int] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.nan_steps = set(nan_steps or [])
         self.nan_from = nan_from
+        self.inf_grad_steps = set(inf_grad_steps or [])
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step in self.inf_grad_steps:
+            last = [p for p in self.unet.parameters() if p.grad is not None][-1]
+            last.grad.view(-1)[0] = math.inf
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)

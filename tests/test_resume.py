@@ -101,6 +101,16 @@ def test_nan_steps_are_skipped_counted_and_logged(toy_shards, tmp_path):
     assert adam_steps == {4}  # 6 steps, 2 of them skipped: the optimizer applied 4 updates
 
 
+def test_an_infinite_gradient_with_a_finite_loss_is_skipped(toy_shards, tmp_path, caplog):
+    fit(toy_shards, tmp_path, "--trainer.max_steps=6", NAN_MODEL, "--model.init_args.inf_grad_steps=[1, 3]",
+        "--nonfinite.policy=skip", *NO_LOGGER)  # fmt: skip
+    state = last_checkpoint(tmp_path)
+    assert state["global_step"] == 6
+    assert state["callbacks"]["NonFiniteGuard"]["skipped"] == 2
+    assert {int(s["step"]) for s in state["optimizer_states"][0]["state"].values()} == {4}
+    assert "step 1: non-finite gradients, update skipped" in caplog.text
+
+
 def test_nan_stop_policy_errors_after_k_in_a_row_and_keeps_the_last_good_checkpoint(toy_shards, tmp_path):
     with pytest.raises(FloatingPointError, match="3 optimizer steps in a row"):
         fit(toy_shards, tmp_path, "--trainer.max_steps=20", NAN_MODEL, "--model.init_args.nan_from=4",
