@@ -211,16 +211,8 @@ def sample_steps(
         yield t, x
 
 
-def sample_loop(
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    sampler: DDIMSampler | DDPMSampler,
-    shape: tuple[int, ...],
-    num_steps: int,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    x_T: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Run the sampler from x_T ~ N(0, I) (or the given x_T); model gets (x_t, t as int64 [N]) in prediction_type."""
-    ((_, x_0),) = deque(sample_steps(model, sampler, shape, num_steps, generator, device, dtype, x_T), maxlen=1)
+def sample_loop(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """`sample_steps` (same arguments) run to the end: the clean sample. The model gets (x_t, t as int64 [N]) and
+    answers in the sampler's prediction_type; x_T defaults to N(0, I) of the given shape."""
+    ((_, x_0),) = deque(sample_steps(*args, **kwargs), maxlen=1)
     return x_0
