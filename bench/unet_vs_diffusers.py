@@ -1,7 +1,7 @@
 """Our UNet and DDIM sampler vs diffusers' UNet2DModel and DDIMScheduler at an equal configuration, in one run.
 
     .venv/bin/pip install -e .[bench]      # diffusers: a bench-only extra (pulls no torchvision, no other torch)
-    .venv/bin/python -m bench.unet_vs_diffusers [--batch 32] [--size 32] [--repeats 3]
+    .venv/bin/python -m bench.unet_vs_diffusers [--batch 32] [--size 32] [--repeats 3] [--compile]
 
 Configuration: the `configs/ddpm_emoji.yaml` UNet (widths 32/64/64, one residual block per level, attention only in
 the middle block, 4 heads, AdaGN "scale_shift" time conditioning) and diffusers' UNet2DModel with the same widths,
@@ -153,13 +153,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=15)
     parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every UNet (compilation in warm-up)")
     ns = parser.parse_args()
     torch.manual_seed(0)
     model = ours(ns.size)
     unet, theirs = model.unet, diffusers_unet(ns.size)
     theirs_cl = diffusers_unet(ns.size).to(memory_format=torch.channels_last)
+    if ns.compile:
+        for net in (unet, theirs, theirs_cl):
+            net.compile()  # in place: parameters and call sites unchanged
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}; batch {ns.batch} at {ns.size}²")  # fmt: skip
+          f"{torch.get_num_threads()}; batch {ns.batch} at {ns.size}²; compiled: {ns.compile}")  # fmt: skip
     print(f"parameters: ours {count(unet):,}  diffusers UNet2DModel {count(theirs):,}")
 
     x = torch.randn(ns.batch, 3, ns.size, ns.size)
