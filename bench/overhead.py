@@ -57,9 +57,10 @@ def bare_steps(data_dir: str, batch_size: int, image_size: int = 32) -> Iterator
     from gen_lightning.nn.ema import EMA
     from gen_lightning.nn.unet import UNet, UNetConfig
 
-    torch.manual_seed(0)
     kw = model_kwargs()
-    unet = UNet(UNetConfig.coerce(kw["unet"]))
+    with torch.random.fork_rng():  # seeded weights without reseeding a `gen-lightning fit` run beside it (lockstep)
+        torch.manual_seed(0)
+        unet = UNet(UNetConfig.coerce(kw["unet"]))
     channels_last = kw.get("channels_last", False)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
