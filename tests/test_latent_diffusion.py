@@ -163,15 +163,28 @@ def tiny_clip_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(clip, tmp_path_factory.mktemp("clip") / "clip.ckpt")
 
 
-def test_frozen_clip_text_tower(tiny_vae_checkpoint, tiny_clip_checkpoint):
+@pytest.mark.parametrize("text", [None, TINY_TEXT], ids=["text=null", "config's text block"])
+def test_frozen_clip_text_tower(text, tiny_vae_checkpoint, tiny_clip_checkpoint, tmp_path, caplog):
     clip = load_model(tiny_clip_checkpoint)
-    model = tiny_ldm(tiny_vae_checkpoint, text=None, clip_checkpoint=str(tiny_clip_checkpoint), latent_scale=1.0)
+    clip_copy = tmp_path / "clip.ckpt"
+    clip_copy.write_bytes(tiny_clip_checkpoint.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="gen_lightning.models.latent_diffusion"):
+        model = tiny_ldm(tiny_vae_checkpoint, text=text, clip_checkpoint=str(clip_copy), latent_scale=1.0)
+    # A `text:` block (configs/ldm_emoji.yaml has one) must not turn the tower into a frozen random encoder.
+    assert ("text is ignored" in caplog.text) == (text is not None)
     assert model.unet.config.context_dim == 24 and model.hparams.text_from_clip
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
     torch.testing.assert_close(model.text_encoder.state_dict(), clip.text.state_dict())
     assert "text" not in model.trained  # neither optimised nor EMA'd
     model.train()
     assert not model.text_encoder.training and not model.vae.training
+
+    # The checkpoint carries the tower: it rebuilds with the CLIP file gone.
+    path = save_checkpoint(model, tmp_path / "ldm.ckpt")
+    clip_copy.unlink()
+    reloaded = load_model(path, expected=LatentDiffusionModel)
+    torch.testing.assert_close(reloaded.text_encoder.state_dict(), clip.text.state_dict())
+    assert not any(p.requires_grad for p in reloaded.text_encoder.parameters())
 
 
 def tiny_ldm_args(shards: Path, vae_checkpoint: Path, root: Path) -> list[str]:

@@ -10,6 +10,7 @@ else the first training batch; std over all ranks' latents) and stored as a buff
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +26,8 @@ from gen_lightning.models.vae import VAEModel
 from gen_lightning.nn.ema import EMA
 from gen_lightning.nn.text import TextConfig, TextEncoder, TruncationCounter
 from gen_lightning.nn.unet import UNetConfig
+
+log = logging.getLogger(__name__)
 
 # (hidden states [N, L, D], mask [N, L] True = real token, pooled caption state [N, D] = the EOT token's)
 Context = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -78,11 +81,13 @@ class LatentDiffusionModel(DiffusionModel):
         else:
             vae = load_model(vae_checkpoint, expected=VAEModel)
         text_from_clip = text_from_clip or clip_checkpoint is not None
-        if clip_checkpoint is not None and text is None:
+        if clip_checkpoint is not None and vae_config is None:  # a new model: the tower comes from the CLIP file
             from gen_lightning.models.clip import load_clip
 
+            if text is not None:  # e.g. a config's `text:` block, with clip_checkpoint given on the command line
+                log.warning("model.init_args.text is ignored: the text encoder is %s's text tower", clip_checkpoint)
             text_encoder = load_clip(clip_checkpoint).text
-        else:
+        else:  # trainable, or rebuilt from our own checkpoint (`text` is the saved shape, the weights follow)
             text_encoder = TextEncoder(text if text is not None else TextConfig())
         factor = vae.autoencoder.downsample_factor
         if image_size % factor:
