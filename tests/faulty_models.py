@@ -1,8 +1,10 @@
-"""A model and a callback that go wrong on purpose, for the NaN-guard tests (used by class_path from the CLI)."""
+"""A model and callbacks that go wrong on purpose, for the NaN-guard tests (used by class_path from the CLI)."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 from typing import Any
 
 import lightning as L
@@ -51,3 +53,15 @@ class PoisonWeights(L.Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.parameters()).fill_(math.nan)
+
+
+class SignalSelf(L.Callback):
+    """Sends this process `signal_name` at the end of global step `step`: a preemption notice at a known step."""
+
+    def __init__(self, step: int, signal_name: str = "SIGUSR1") -> None:
+        self.step = step
+        self.signum = signal.Signals[signal_name]
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

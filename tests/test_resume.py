@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,31 @@ def test_checkpoint_with_nan_weights_is_not_written(toy_shards, tmp_path, caplog
     assert last_checkpoint(tmp_path)["global_step"] == 2
     refused = [r.getMessage() for r in caplog.records if "NaN/Inf weights" in r.getMessage()]
     assert len(refused) >= 2  # step 4 and step 6, both the step checkpoint and last
+
+
+@pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "NaN weights"])
+def test_sigusr1_saves_no_hpc_checkpoint_of_a_diverged_model(poisoned, toy_shards, tmp_path, monkeypatch, caplog):
+    """The SIGUSR1 checkpoint becomes the restart's resume point: it is written for a finite model and refused, like
+    the periodic ones, for a model whose weights went NaN. Either way the job stops and asks to be requeued.
+    (tests/test_slurm.py runs the same path end to end on a real Slurm.)"""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # a batch job to SlurmRequeue; no SLURM_NTASKS, so not to Lightning
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    requeued: list[str] = []
+    monkeypatch.setattr("gen_lightning.callbacks.requeue.requeue", requeued.append)  # no scontrol here
+    notice = ["--trainer.callbacks+=tests.faulty_models.SignalSelf", "--trainer.callbacks.step=3"]
+    poison = ["--trainer.callbacks+=tests.faulty_models.PoisonWeights", "--trainer.callbacks.step=2"]
+    with caplog.at_level(logging.WARNING, logger="gen_lightning"):
+        fit(toy_shards, tmp_path, "--trainer.max_steps=10", *NO_LOGGER, *notice, *(poison if poisoned else []))
+    assert requeued == ["4242"]
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    # The batch end that acts on the flag is step 3's or step 4's, depending on the order of the callbacks.
+    said = re.search(rf"SIGUSR1: (saved|not saving) {re.escape(str(hpc))} at step (\d+)", caplog.text)
+    assert said is not None and int(said.group(2)) in (3, 4), caplog.text
+    if poisoned:
+        assert said.group(1) == "not saving" and not hpc.exists()
+        assert "NaN/Inf weights; the restarted job resumes from the last good checkpoint" in caplog.text
+        assert not list((tmp_path / "checkpoints").glob("*.ckpt"))  # poisoned before the first periodic one
+    else:
+        assert said.group(1) == "saved"
+        assert torch.load(hpc, map_location="cpu", weights_only=True)["global_step"] == int(said.group(2))
+        assert last_checkpoint(tmp_path)["global_step"] <= 4  # stopped at the notice, not at max_steps

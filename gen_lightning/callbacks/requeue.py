@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 
+from gen_lightning.callbacks.checkpoint import has_non_finite_weights
 from gen_lightning.slurm import requeue, slurm_job_id
 from gen_lightning.wandb_run import finish_wandb
 
@@ -57,9 +58,17 @@ class SlurmRequeue(L.Callback):
         if self.stopped or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-        trainer.save_checkpoint(path)  # every rank: sharded strategies write their part, DDP's rank 0 the file
-        if trainer.is_global_zero:
-            log.warning("%s: saved %s at step %d; stopping to requeue", self.signum.name, path, trainer.global_step)
+        # A diverged model must not become the resume point (RunCheckpoint refuses it too). Saving is a collective
+        # under sharded strategies, so the ranks agree on the check first.
+        diverged = has_non_finite_weights(trainer.lightning_module)
+        if trainer.strategy.reduce_boolean_decision(diverged, all=False):
+            if trainer.is_global_zero:
+                log.error("%s: not saving %s at step %d: the model has NaN/Inf weights; the restarted job resumes "
+                          "from the last good checkpoint", self.signum.name, path, trainer.global_step)  # fmt: skip
+        else:
+            trainer.save_checkpoint(path)  # every rank: sharded strategies write their part, DDP's rank 0 the file
+            if trainer.is_global_zero:
+                log.warning("%s: saved %s at step %d; stopping to requeue", self.signum.name, path, trainer.global_step)
         self.stopped = True
         trainer.should_stop = True
 
