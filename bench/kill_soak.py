@@ -1,12 +1,13 @@
 """Kill-anywhere soak: SIGKILL `gen-lightning fit` at random moments, re-run the same command, and check that nothing
 is lost. Used by tests/test_kill_resume.py (10 kills) and as a longer soak from the command line:
 
-    .venv/bin/python -m bench.kill_soak --kills 50 [--data data/emoji] [--seed 0]
+    .venv/bin/python -m bench.kill_soak --kills 50 --root DIR [--data data/emoji] [--seed 0]
 
-Each round starts the fit (checkpoint every step, so many kills land mid-save), SIGKILLs it after a random delay,
-then checks: every `*.ckpt` in the run loads (weights-only), the newest saved step never goes backwards, and the
-next run announces it resumes from exactly that step. A final run continues to `max_steps` and must end there.
-Prints `N/N resumes ok`; exits non-zero on the first violation.
+DIR must be new or empty. Each round starts the fit (checkpoint every step, so many kills land mid-save), SIGKILLs
+it after a random delay, then checks: every `*.ckpt` in the run loads (weights-only), the newest saved step never
+goes backwards, and the next run announces it resumes from exactly that step. A final run continues to `max_steps`
+and must end there. Prints `K/N kills survived, R resumes verified at the newest step`, the kills that hit an
+unfinished save and the newest step after each kill; exits non-zero on the first violation.
 """
 
 from __future__ import annotations

