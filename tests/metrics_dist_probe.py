@@ -3,9 +3,10 @@ syncs the states at compute()); each rank writes what it computed.
 
     python tests/metrics_dist_probe.py generative|world DATA.pt OUT_DIR PORT
 
-generative: GenerativeMetrics on features {"real", "fake"}, halves per rank. world: WorldMetrics on frames
-{"predicted", "real", "last"} (one step) and {"rollout_predicted", "rollout_real", "start"} (rollouts), split
-unevenly (rank 0 takes the first `split` samples), as the last batch of an epoch splits over ranks."""
+generative: GenerativeMetrics on features {"real", "fake"}, halves per rank (or the real side from {"cache",
+"key"}). world: WorldMetrics on frames {"predicted", "real", "last"} (one step) and {"rollout_predicted",
+"rollout_real", "start"} (rollouts), split unevenly (rank 0 takes the first `split` samples), as the last batch of
+an epoch splits over ranks."""
 
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ import torch.multiprocessing as mp
 def generative(rank: int, world: int, data: dict) -> dict:
     from gen_lightning.metrics.generative import GenerativeMetrics
 
-    metrics = GenerativeMetrics(extractor=torch.nn.Identity(), kid_subset_size=8, kid_subsets=20)
-    for name, real in (("real", True), ("fake", False)):
-        metrics.update_features(data[name].chunk(world)[rank], real=real)
+    metrics = GenerativeMetrics(extractor=torch.nn.Identity(), kid_subset_size=data["kid_subset_size"], kid_subsets=20)
+    if "cache" in data:  # the reference from the cache, loaded as GenerativeEvaluation loads it
+        assert metrics.load_real(data["cache"], data["key"], rank, world)
+    else:
+        metrics.update_features(data["real"].chunk(world)[rank], real=True)
+    metrics.update_features(data["fake"].chunk(world)[rank], real=False)
+    torch.manual_seed(0)  # KID draws its subsets from the global RNG: the same draws as the single-process run
     return metrics.compute()
 
 

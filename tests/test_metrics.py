@@ -34,7 +34,7 @@ def extractor() -> FIDInceptionV3:
 def fresh_metrics(extractor, **kwargs):
     from gen_lightning.metrics.generative import GenerativeMetrics
 
-    return GenerativeMetrics(extractor=extractor, kid_subset_size=8, kid_subsets=20, **kwargs)
+    return GenerativeMetrics(extractor=extractor, **{"kid_subset_size": 8, "kid_subsets": 20, **kwargs})
 
 
 def test_weights_are_found_offline_and_stay_out_of_state_dict(extractor):
@@ -106,27 +106,36 @@ def test_real_statistics_cache_round_trip_and_key_change(extractor, tmp_path):
     assert second.compute()["fid"] == pytest.approx(first.compute()["fid"], rel=1e-9)
 
 
-def test_two_process_fid_equals_single_process(tmp_path):
+@pytest.mark.parametrize("reference", ["computed", "cached"])
+def test_two_process_fid_and_kid_equal_single_process(reference, tmp_path):
+    """Each rank holds half the fake features, and half the real ones or the cached reference as the evaluation callback
+    loads it (FID's sums on rank 0, KID's features split over the ranks). KID's subset size (30) is more than one
+    rank's share (20): the ranks must size it, and decide to compute KID, from the counts over both ranks, or they
+    disagree and the collective in KID's compute hangs."""
     torch.manual_seed(0)
-    data = {"real": torch.randn(40, 2048), "fake": torch.randn(40, 2048) * 1.1 + 0.2}
-    torch.save(data, tmp_path / "features.pt")
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tests" / "metrics_dist_probe.py"),
-            "generative",
-            str(tmp_path / "features.pt"),
-            str(tmp_path),
-            str(free_port()),
-        ],
-        check=True,
-        timeout=180,
-        cwd=REPO,
-    )
-    single = fresh_metrics(torch.nn.Identity())
+    data = {"real": torch.randn(40, 2048), "fake": torch.randn(40, 2048) * 1.1 + 0.2, "kid_subset_size": 30}
+    single = fresh_metrics(torch.nn.Identity(), kid_subset_size=30)
     single.update_features(data["real"], real=True)
+    if reference == "cached":
+        data.update(cache=str(tmp_path / "ref.pt"), key={"shards": ["a.tar"]})
+        single.save_real(data["cache"], data["key"])
     single.update_features(data["fake"], real=False)
+    torch.save(data, tmp_path / "features.pt")
+    probe = [sys.executable, str(REPO / "tests" / "metrics_dist_probe.py"), "generative", str(tmp_path / "features.pt")]
+    subprocess.run([*probe, str(tmp_path), str(free_port())], check=True, timeout=180, cwd=REPO)
+    torch.manual_seed(0)
     expected = single.compute()
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got["fid"] == pytest.approx(expected["fid"], rel=1e-3)
+        assert got.keys() == expected.keys() == {"fid", "kid", "kid_std"}
+        for name, value in expected.items():
+            assert got[name] == pytest.approx(value, rel=1e-3), name
+
+
+def test_a_small_evaluation_shrinks_the_kid_subset_for_itself_only():
+    torch.manual_seed(0)
+    metrics = fresh_metrics(torch.nn.Identity(), kid_subset_size=30)
+    metrics.update_features(torch.randn(40, 2048), real=True)
+    metrics.update_features(torch.randn(10, 2048), real=False)
+    assert "kid" in metrics.compute()  # on subsets of 10, the samples there are
+    assert metrics.kid.subset_size == 30  # the next evaluation, with more samples, uses the configured size

@@ -60,11 +60,12 @@ def fill_reference(
     key: dict[str, Any],
     cache_dir: Path,
     rank: int,
+    world_size: int = 1,
     max_real: int | None = None,
 ) -> bool:
     """Real statistics from the cache, or computed from `batches` (this rank's share) and cached. True if cached."""
     path = cache_path(key, cache_dir)
-    if metrics.load_real(path, key, keep=rank == 0):
+    if metrics.load_real(path, key, rank, world_size):
         return True
     seen = 0
     for batch in batches:
@@ -90,7 +91,7 @@ def fill_val_reference(
     all ranks), keyed by its shard set, image size and extractor. True if the statistics came from the cache."""
     key = reference_key(data.val_urls, metrics.extractor, data.image_size, max_real)
     per_rank_cap = None if max_real is None else -(-max_real // world_size)
-    return fill_reference(metrics, data.val_dataloader(), key, cache_dir, rank, per_rank_cap)
+    return fill_reference(metrics, data.val_dataloader(), key, cache_dir, rank, world_size, per_rank_cap)
 
 
 class GenerativeEvaluation(PeriodicSampling):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
@@ -88,15 +89,30 @@ class GenerativeMetrics(nn.Module):
     def num_real(self) -> int:
         return int(self.fid.real_features_num_samples)
 
+    def _kid_counts(self) -> tuple[int, int]:
+        """(fake, real) KID features held over all ranks. Every rank must decide alike whether to compute KID (its
+        compute is a collective), and under DDP one rank may hold all the real ones (a cached reference)."""
+        assert self.kid is not None
+        counts = torch.tensor(
+            [sum(f.shape[0] for f in self.kid.fake_features), sum(f.shape[0] for f in self.kid.real_features)],
+            dtype=torch.int64,
+            device=self.fid.real_features_sum.device,
+        )
+        if self.kid.sync_on_compute and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts, group=self.kid.process_group)
+        return int(counts[0]), int(counts[1])
+
     def compute(self) -> dict[str, float]:
         result = {"fid": float(self.fid.compute())}
         if self.kid is not None:
-            num_fake = int(sum(f.shape[0] for f in self.kid.fake_features)) if self.kid.fake_features else 0
-            num_real = int(sum(f.shape[0] for f in self.kid.real_features)) if self.kid.real_features else 0
-            subset = min(self.kid.subset_size, num_fake, num_real)
+            configured = self.kid.subset_size
+            subset = min(configured, *self._kid_counts())
             if subset >= 2:
                 self.kid.subset_size = subset  # KID needs subset_size <= samples; small evaluations shrink it
-                mean, std = self.kid.compute()
+                try:
+                    mean, std = self.kid.compute()
+                finally:
+                    self.kid.subset_size = configured  # for the next evaluation, which may have more samples
                 result.update(kid=float(mean), kid_std=float(std))
         return result
 
@@ -131,23 +147,24 @@ class GenerativeMetrics(nn.Module):
         torch.save({"key": json.dumps(key, sort_keys=True), **state}, tmp)
         os.replace(tmp, path)
 
-    def load_real(self, path: str | Path, key: dict[str, Any], keep: bool = True) -> bool:
+    def load_real(self, path: str | Path, key: dict[str, Any], rank: int = 0, world_size: int = 1) -> bool:
         """Load cached real statistics if they exist and were computed for exactly `key`; False otherwise.
 
-        Under DDP pass keep=(rank == 0): the metric states are summed over ranks at compute(), so only one rank may
-        hold the cached totals (the others keep empty real states)."""
+        Under DDP every rank calls it with its rank. The states are combined over ranks at compute(): FID's sums
+        are added, so rank 0 holds the cached totals and the others zeros; KID's features are concatenated, so each
+        rank holds its slice of them (possibly empty: torchmetrics cannot gather a rank's empty list)."""
         path = Path(path)
         if not path.is_file():
             return False
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.get("key") != json.dumps(key, sort_keys=True):
             return False
-        if not keep:
-            return True
         device = self.fid.real_features_sum.device
-        for name in REAL_STATES:
-            setattr(self.fid, name, cached[name].to(device))
+        if rank == 0:
+            for name in REAL_STATES:
+                setattr(self.fid, name, cached[name].to(device))
         if self.kid is not None and "kid_real_features" in cached:
-            self.kid.real_features = [cached["kid_real_features"].to(device)]
-            self._kid_seen[True] = cached["kid_real_features"].shape[0]
+            share = cached["kid_real_features"].tensor_split(world_size)[rank]
+            self.kid.real_features = [share.to(device)]
+            self._kid_seen[True] = share.shape[0]
         return True
