@@ -81,22 +81,23 @@ def checkpoint_step(path: Path) -> int | None:
     return int(step) if isinstance(step, int) else None
 
 
-def checkpoint_files(folders: list[Path]) -> list[Path]:
-    """`*.ckpt` files directly in `folders` (Lightning's SLURM `hpc_ckpt_N.ckpt` sit in the run root), after removing
-    the temp files of interrupted saves."""
-    found = []
-    for folder in folders:
-        if folder.is_dir():
+def checkpoint_files(checkpoint_dir: Path, run_root: Path | None = None) -> list[Path]:
+    """A run's checkpoints, after removing the temp files of interrupted saves: every `*.ckpt` in its checkpoint
+    folder, and Lightning's SLURM `hpc_ckpt_N.ckpt` in its root. Only those in the root: it may be the working
+    directory, where other files (a VAE for latent diffusion) are no resume point of this run."""
+    found: set[Path] = set()
+    for folder, pattern in ((checkpoint_dir, "*.ckpt"), (run_root, "hpc_ckpt_*.ckpt")):
+        if folder is not None and folder.is_dir():
             remove_stale_temp_files(folder)
-            found += sorted(folder.glob("*.ckpt"))
-    return found
+            found.update(folder.glob(pattern))
+    return sorted(found)
 
 
-def find_resume_checkpoint(folders: list[Path]) -> tuple[Path, int] | None:
-    """The complete checkpoint with the highest global_step in `folders`; ties go to the newest file. None when there
-    is none."""
+def find_resume_checkpoint(checkpoint_dir: Path, run_root: Path | None = None) -> tuple[Path, int] | None:
+    """The complete checkpoint (see `checkpoint_files`) with the highest global_step; ties go to the newest file.
+    None when there is none."""
     candidates: list[tuple[int, float, Path]] = []
-    for path in checkpoint_files(folders):
+    for path in checkpoint_files(checkpoint_dir, run_root):
         step = checkpoint_step(path)
         if step is not None:
             candidates.append((step, path.stat().st_mtime, path))

@@ -106,18 +106,23 @@ def run_lightning_cli(args: Sequence[str]) -> None:
 def resume_from_run_folder(config, root: Path) -> None:
     """Re-running the same fit command continues the run: the newest complete checkpoint (checkpoint folder, or
     Lightning's SLURM `hpc_ckpt_N.ckpt` in the root) becomes ckpt_path, and W&B resumes the run id stored in it.
-    With --no-resume, earlier checkpoints are set aside (never deleted) and the run starts at step 0."""
+    With --no-resume, earlier checkpoints are set aside (never deleted) and the run starts at step 0.
+
+    Every process of a launch runs this (srun starts them all with the same command). They read the same folder
+    and decide alike; only global rank 0 moves files, or the others' moves of the same files would fail."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     from gen_lightning.checkpointing import checkpoint_files, find_resume_checkpoint, set_aside, stored_run_ids
 
     if config.ckpt_path is not None:
         return
-    folders = [Path(config.checkpoint.dirpath or root / "checkpoints"), root]
+    checkpoint_dir = Path(config.checkpoint.dirpath or root / "checkpoints")
     if not config.resume:
-        if earlier := checkpoint_files(folders):
-            archive = set_aside(earlier, folders[0])
+        if rank_zero_only.rank == 0 and (earlier := checkpoint_files(checkpoint_dir, root)):
+            archive = set_aside(earlier, checkpoint_dir)
             log.warning("--no-resume: starting at step 0; %d earlier checkpoint(s) moved to %s", len(earlier), archive)
         return
-    found = find_resume_checkpoint(folders)
+    found = find_resume_checkpoint(checkpoint_dir, root)
     if found is None:
         return
     path, step = found
