@@ -149,6 +149,14 @@ def test_action_changes_the_prediction_and_rollout_feeds_predictions_back():
     step2 = model.predict_next(torch.cat([frames[:, 1:], step1[:, None]], 1), [right], generator=generator)
     assert torch.allclose(rolled[:, 0], first) and torch.allclose(rolled[:, 1], step2)
 
+    # The sampler reaches every rollout step (WorldModelEvaluation and `evaluate --sampler` rely on it).
+    def one_step_rollout(**sampling) -> torch.Tensor:
+        return model.rollout(frames, actions[:, :1], steps=3, generator=torch.Generator().manual_seed(0), **sampling)
+
+    ddpm = one_step_rollout(sampler="ddpm")
+    by_hand = model.predict_next(frames, [left], steps=3, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ddpm[:, 0], by_hand) and not torch.allclose(ddpm, one_step_rollout(sampler="ddim"))
+
 
 def test_delta_target_diffuses_the_change_and_reconstructs_the_frame(toy_world):
     batch = val_batches(toy_world[1])[0]
@@ -372,3 +380,13 @@ def test_random_flip_is_refused(toy_world, tmp_path):
     train, val = toy_world
     with pytest.raises(UserInputError, match="random_flip"):
         main(world_fit_args(train, val, tmp_path, "--trainer.fast_dev_run=1", "--data.random_flip=true"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_world_metrics_on_the_gpu_take_gpu_frames():
+    """WorldModelEvaluation moves the metric states to the model's device; the values are computed on the CPU."""
+    metrics = WorldMetrics(rollout_steps=2).to("cuda")
+    frames = torch.rand(3, 3, 16, 16, device="cuda") * 2 - 1
+    metrics.update_one_step(frames, frames, frames.flip(0))
+    metrics.update_rollout(frames[:, None].expand(3, 2, 3, 16, 16), frames[:, None].expand(3, 2, 3, 16, 16), frames)
+    assert metrics.compute()["psnr"] == 100.0  # an exact prediction, capped

@@ -185,11 +185,7 @@ class WorldEvaluator:
         episodes = episodes_from(batches, self.rollouts, self.rollout_steps)
         if not episodes:
             return {}
-        predicted = model.rollout(
-            episodes["frames"].to(model.device),
-            episodes["actions"].to(model.device),
-            steps=self.sampling["steps"],
-            generator=generator,
-        )
+        frames, actions = episodes["frames"].to(model.device), episodes["actions"].to(model.device)
+        predicted = model.rollout(frames, actions, generator=generator, **self.sampling)
         self.metrics.update_rollout(predicted, episodes["real"], episodes["frames"][:, -1])
         return {"real": episodes["real"], "predicted": predicted.cpu()}

@@ -35,7 +35,8 @@ class MeanVector(Metric):
         self.add_state("counts", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, values: torch.Tensor) -> None:
-        values = values.detach().to(torch.float64).reshape(values.shape[0], -1)
+        # The values are computed on the CPU; the states live where the model does (NCCL syncs device tensors).
+        values = values.detach().to(self.sums.device, torch.float64).reshape(values.shape[0], -1)
         valid = torch.isfinite(values)
         self.sums += torch.where(valid, values, 0).sum(0)
         self.counts += valid.sum(0)

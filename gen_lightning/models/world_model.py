@@ -239,12 +239,15 @@ class WorldModel(DiffusionModel):
         steps: int | None = None,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
+        sampler: str | None = None,
+        eta: float | None = None,
     ) -> torch.Tensor:
         """Autoregressive rollout: [N, T, 3, H, W] frames for actions [N, T, A], each step's prediction appended to
-        the context of the next (the first context is `frames` [N, K, 3, H, W])."""
+        the context of the next (the first context is `frames` [N, K, 3, H, W]). Sampling options as predict_next."""
         context, predicted = frames, []
+        sampling = {"steps": steps, "sampler": sampler, "eta": eta, "generator": generator, "use_ema": use_ema}
         for step in range(actions.shape[1]):
-            frame = self.predict_next(context, actions[:, step], steps=steps, generator=generator, use_ema=use_ema)
+            frame = self.predict_next(context, actions[:, step], **sampling)
             predicted.append(frame)
             context = torch.cat([context[:, 1:], frame[:, None]], 1)
         return torch.stack(predicted, 1)
