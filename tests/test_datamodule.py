@@ -133,6 +133,31 @@ def test_image_modes_are_converted_to_rgb_on_white():
     palette.putpalette([0, 0, 255] + [0] * 765)
     out = transform(palette, rng)
     assert out[2].min() > 0.99 and out[0].max() < -0.99
+    # PNG's tRNS on a grey or RGB image: one colour marked transparent (how optimisers store on/off alpha).
+    for mode, black in (("L", 0), ("RGB", (0, 0, 0))):
+        buffer = io.BytesIO()
+        Image.new(mode, (8, 8), black).save(buffer, "PNG", transparency=black)
+        with Image.open(io.BytesIO(buffer.getvalue())) as marked:
+            assert torch.allclose(transform(marked, rng), torch.ones(3, 8, 8)), mode
+
+
+def test_exif_orientation_is_applied():
+    """A phone photo stores its pixels as the sensor saw them and the turn to apply in EXIF (here orientation 6: turn
+    90° clockwise). Stored: red above blue, 64×32; seen: a 32×64 portrait with blue on the left, red on the right."""
+    import random
+
+    from PIL import Image
+
+    stored = Image.new("RGB", (64, 32), (255, 0, 0))
+    stored.paste((0, 0, 255), (0, 16, 64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    with Image.open(io.BytesIO(buffer.getvalue())) as photo:
+        image = ImageTransform(16)(photo, random.Random(0))  # the center square of the portrait
+    left, right = image[:, :, :6].mean((1, 2)), image[:, :, -6:].mean((1, 2))
+    assert left[2] > 0.8 and left[0] < -0.8 and right[0] > 0.8 and right[2] < -0.8, (left, right)
 
 
 def test_pipe_urls_stream_through_a_command(toy_shards):

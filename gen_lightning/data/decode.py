@@ -140,13 +140,27 @@ def read_tar_samples(shards: Iterable[dict[str, str]], skips: SkipCounter) -> It
     return tariterators.group_by_keys(skips.track(files), handler=skips.tar_error)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: phone and camera JPEGs store the sensor's pixels and an EXIF orientation
+    that viewers apply (decoding alone does not)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        return ImageOps.exif_transpose(image)
+    return image
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited on white (emoji, icons), 16-bit gray is scaled, not clipped."""
+    """Any PIL mode -> RGB; transparency is composited on white (emoji, icons), 16-bit gray is scaled, not clipped.
+
+    Transparency is an alpha channel, or (PNG's tRNS) one colour of a palette, grey or RGB image marked transparent,
+    as optimisers such as oxipng write on/off alpha."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float32)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
@@ -164,7 +178,7 @@ class ImageTransform:
     random_flip: bool = False
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        image = to_rgb(image)
+        image = to_rgb(upright(image))
         w, h = image.size
         side = min(w, h)
         if self.random_crop:

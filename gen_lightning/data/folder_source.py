@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from gen_lightning.data.decode import to_rgb, upright
 from gen_lightning.data.shard_writer import write_shards
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,6 @@ def _caption(image_path: Path) -> str | None:
         return None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def _encode_png(image: Image.Image) -> bytes:
     if image.mode not in _PNG_MODES:
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
@@ -74,7 +65,7 @@ def _image_entry(path: Path, size: int | None) -> tuple[str, bytes]:
             if ext is not None and image.format == {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext]:
                 return ext, data
             return "png", _encode_png(image)
-        rgb = _to_rgb(ImageOps.exif_transpose(image))
+        rgb = to_rgb(upright(image))
         fitted = ImageOps.fit(rgb, (size, size), Image.Resampling.LANCZOS)  # shorter side to size, center crop
         return "png", _encode_png(fitted)
 
