@@ -10,13 +10,19 @@ import sys
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# 45 batches of 4 per rank and 3 samples over: an odd count, so 2 workers cannot each take the same share
+SAMPLES_PER_EPOCH = 2 * 4 * 45 + 3
+
 
 def rank_main(rank: int, world: int, shards: str, out_dir: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from gen_lightning.data.datamodule import ShardDataModule
 
-    data = ShardDataModule(train=shards, val=shards, image_size=16, batch_size=4, num_workers=2, shuffle_buffer=16)
+    data = ShardDataModule(
+        train=shards, val=shards, image_size=16, batch_size=4, num_workers=2, shuffle_buffer=16,
+        samples_per_epoch=SAMPLES_PER_EPOCH,
+    )  # fmt: skip
     data.setup("fit")
     val_keys = [key for batch in data.val_dataloader() for key in batch["__key__"]]
     train_batches = [len(batch["__key__"]) for batch in data.train_dataloader()]

@@ -12,7 +12,6 @@ ranks. That needs at least ranks × workers shards, which is checked up front.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import warnings
 from collections.abc import Iterator
@@ -42,14 +41,15 @@ def _worker_index() -> tuple[int, int]:
 
 
 class TrainStream(IterableDataset):
-    """Infinite resampled shard stream cut into epochs of exactly `batches_per_worker` batches per worker."""
+    """Infinite resampled shard stream cut into epochs of exactly `batches_per_rank` batches: the loader's workers
+    split them (any two differ by at most one), and every rank yields the same number, so DDP never waits."""
 
     def __init__(
         self,
         urls: list[str],
         transform: ImageTransform,
         batch_size: int,
-        batches_per_worker: int,
+        batches_per_rank: int,
         num_workers: int,
         shuffle_buffer: int,
         seed: int,
@@ -63,7 +63,7 @@ class TrainStream(IterableDataset):
         self.urls = urls
         self.transform = transform
         self.batch_size = batch_size
-        self.batches_per_worker = batches_per_worker
+        self.batches_per_rank = batches_per_rank
         self.num_workers = max(1, num_workers)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -75,7 +75,11 @@ class TrainStream(IterableDataset):
         self.epoch = 0  # advances inside each (persistent) worker; a fresh worker would otherwise replay epoch 0
 
     def __len__(self) -> int:
-        return self.batches_per_worker * self.num_workers
+        return self.batches_per_rank
+
+    def _worker_batches(self) -> int:
+        worker, workers = _worker_index()
+        return self.batches_per_rank // workers + (worker < self.batches_per_rank % workers)
 
     def _stream_seed(self) -> int:
         worker, _ = _worker_index()
@@ -98,7 +102,7 @@ class TrainStream(IterableDataset):
         if self.shuffle_buffer > 1:
             samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
         batches = decode_and_batch(samples, self.transform, self.batch_size, rng, False, skips, self.require_caption)
-        for _, batch in zip(range(self.batches_per_worker), batches, strict=False):
+        for _, batch in zip(range(self._worker_batches()), batches, strict=False):
             yield batch
 
 
@@ -241,7 +245,7 @@ class ShardDataModule(L.LightningDataModule):
             self.train_urls,
             ImageTransform(self.image_size, self.random_crop, self.random_flip),
             self.batch_size,
-            batches_per_worker=math.ceil(batches_per_rank / workers),
+            batches_per_rank=batches_per_rank,
             num_workers=workers,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
