@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from gen_lightning.callbacks.evaluation import val_captions
+from gen_lightning.cli import add_clip_sample_option, apply_clip_sample
 from gen_lightning.data.datamodule import ShardDataModule
 from gen_lightning.images import make_grid, save_image_atomic
 from gen_lightning.metrics.clip_score import CLIPScore
@@ -92,9 +93,11 @@ def main() -> None:
     parser.add_argument("--grid-prompts", nargs="*", default=[], help="prompts for the grid (default: the first 8)")
     parser.add_argument("--grid", default=None, help="PNG path of the prompt × guidance grid")
     parser.add_argument("--out", default=None, help="JSON report path")
+    add_clip_sample_option(parser)
     args = parser.parse_args()
 
     model = load_model(args.ldm)
+    apply_clip_sample(model, args)
     encoder = load_text_image_encoder(args.clip)
     data = ShardDataModule(val=args.data, image_size=int(model.hparams.image_size), batch_size=128, num_workers=0)
     data.setup("validate")
@@ -105,6 +108,7 @@ def main() -> None:
     prompts = random.Random(args.seed).sample(prompts, min(args.num_prompts, len(prompts)))
     other = [prompts[j] for j in derangement(len(prompts), args.seed)]
     report: dict = {"ldm": args.ldm, "clip": args.clip, "num_prompts": len(prompts), "steps": args.steps}
+    report["clip_sample"] = model.hparams.clip_sample
     report["caption_losses"] = losses
     for weight in args.guidance:
         images = generate(model, prompts, weight, args.steps, args.seed)

@@ -12,8 +12,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gen_lightning.interrupts import sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    from gen_lightning.models.base import GenerativeModule
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 log = logging.getLogger("gen_lightning")
@@ -220,6 +224,7 @@ def sample_main(args: Sequence[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="images generated at once")
     parser.add_argument("--no-ema", action="store_true", help="sample from the raw (not EMA) weights")
+    add_clip_sample_option(parser)
     parser.add_argument("--out", required=True, help="PNG path of the grid")
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     ns = parser.parse_args(args)
@@ -230,6 +235,7 @@ def sample_main(args: Sequence[str]) -> None:
     from gen_lightning.models.loading import load_model
 
     model = load_model(ns.ckpt).to(ns.device)
+    apply_clip_sample(model, ns)
     conditional = getattr(model, "text_conditioned", False)
     if ns.prompt and not conditional:
         parser.error(f"--prompt: {ns.ckpt} holds a {type(model).__name__}, which is not text-conditioned")
@@ -260,6 +266,34 @@ def sample_main(args: Sequence[str]) -> None:
     print(f"wrote {path} ({total} samples{rows})")
 
 
+def add_clip_sample_option(parser: argparse.ArgumentParser) -> None:
+    """--clip-sample: override the checkpoint's bound on the sampler's predicted x0 (a number, or `none`). Latent
+    diffusion checkpoints written before it defaulted to none carry 1.0, which clips latents like pixels."""
+
+    def bound(text: str) -> float | None:
+        if text.lower() == "none":
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            value = 0.0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number or 'none'")
+        return value
+
+    parser.add_argument(
+        "--clip-sample",
+        type=bound,
+        default=argparse.SUPPRESS,
+        help="clip the predicted x0 to ±this, or 'none' (default: the checkpoint's clip_sample)",
+    )
+
+
+def apply_clip_sample(model: GenerativeModule, ns: argparse.Namespace) -> None:
+    if "clip_sample" in ns:
+        model.hparams.clip_sample = ns.clip_sample
+
+
 def _cuda_available() -> bool:
     # Only asked when --device is left to default; avoids importing torch for `--help`.
     if "--device" in sys.argv or "-h" in sys.argv or "--help" in sys.argv:
@@ -281,6 +315,7 @@ def evaluate_main(args: Sequence[str]) -> None:
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None, help="CFG weight (default: the model's)")
+    add_clip_sample_option(parser)
     parser.add_argument(
         "--clip", default=None, help="CLIP for the CLIP score: gen_lightning CLIP checkpoint or local HF CLIP directory"
     )
@@ -316,6 +351,7 @@ def evaluate_main(args: Sequence[str]) -> None:
     from gen_lightning.models.loading import load_model
 
     model = load_model(ns.ckpt).to(ns.device)
+    apply_clip_sample(model, ns)
     if hasattr(model, "predict_next"):  # a world model: scored on held-out episodes, not unconditional samples
         return evaluate_world_model(model, ns)
     image_size = int(model.hparams.image_size)
@@ -354,6 +390,7 @@ def evaluate_main(args: Sequence[str]) -> None:
         "reference_cached": cached,
         "sampler": ns.sampler or model.hparams.sampler,
         "steps": ns.steps or model.hparams.sample_steps,
+        "clip_sample": model.hparams.clip_sample,
         "guidance": ns.guidance if ns.guidance is not None else model.hparams.get("guidance", 1.0),
         "seed": ns.seed,
         "image_size": image_size,
@@ -416,6 +453,7 @@ def evaluate_world_model(model, ns: argparse.Namespace) -> None:
         "reference_cached": cached,
         "sampler": ns.sampler or model.hparams.sampler,
         "steps": ns.steps or model.hparams.sample_steps,
+        "clip_sample": model.hparams.clip_sample,
         "seed": ns.seed,
         "image_size": image_size,
         "checkpoint": str(ns.ckpt),

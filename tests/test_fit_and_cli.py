@@ -166,6 +166,22 @@ def test_sample_cli_writes_grid(tiny_run, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_sample_cli_clip_sample_overrides_the_checkpoints(tiny_run, tmp_path, capsys):
+    def grid(*extra: str) -> np.ndarray:
+        out = tmp_path / f"grid{len(extra)}{extra[-1] if extra else ''}.png"
+        main(["sample", "--ckpt", str(tiny_run / "checkpoints" / "last.ckpt"), "--n=4", "--steps=3", "--seed=1",
+              f"--out={out}", *extra])  # fmt: skip
+        with Image.open(out) as image:
+            return np.asarray(image, dtype=np.int16)
+
+    clipped = grid()  # the checkpoint's 1.0
+    assert np.array_equal(grid("--clip-sample", "1"), clipped)
+    assert np.abs(grid("--clip-sample", "none") - clipped).max() > 0  # an early-trained model's x0 overshoots ±1
+    with pytest.raises(SystemExit):
+        grid("--clip-sample", "0")
+    assert "argument --clip-sample: '0': expected a positive number or 'none'" in capsys.readouterr().err
+
+
 def test_validate_subcommand_on_the_checkpoint(tiny_run, toy_shards, tmp_path, capsys):
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
     main(

@@ -16,6 +16,7 @@ from gen_lightning.cli import main
 from gen_lightning.data.datamodule import ShardDataModule
 from gen_lightning.data.shard_writer import read_manifest
 from gen_lightning.models.clip import CLIPModel
+from gen_lightning.models.diffusion import DiffusionModel
 from gen_lightning.models.latent_diffusion import LatentDiffusionModel
 from gen_lightning.models.loading import load_model
 from gen_lightning.models.vae import VAEModel
@@ -149,6 +150,21 @@ def test_guidance_zero_is_the_unconditional_sample_and_checkpoint_stands_alone(t
     torch.testing.assert_close(
         reloaded.sample(2, cond=["red apple", "sun"], steps=3, generator=torch.Generator().manual_seed(0)), guided
     )
+
+
+def test_latents_are_not_clipped_to_the_pixel_range(tiny_vae_checkpoint):
+    """Scaled latents have unit variance, not a [-1, 1] range: the last DDIM step must return a predicted latent of 3
+    as it is, where the pixel model clips it to 1."""
+    model = tiny_ldm(tiny_vae_checkpoint, latent_scale=1.0)
+    pixels = DiffusionModel(unet=TINY_UNET, image_size=16)
+    for sampler, bound in ((model.make_sampler("ddim"), 3.0), (pixels.make_sampler("ddim"), 1.0)):
+        sampler.set_timesteps(5)
+        t = int(sampler.timesteps[-1])
+        ab = float(sampler.schedule.alphas_cumprod[t])
+        x_t = torch.randn(2, 4, 8, 8)
+        eps = (x_t - ab**0.5 * 3.0) / (1 - ab) ** 0.5  # the prediction whose x0 is 3 everywhere
+        torch.testing.assert_close(sampler.step(eps, t, x_t), torch.full_like(x_t, bound))
+    assert model.hparams.clip_sample is None and pixels.hparams.clip_sample == 1.0
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,9 @@ class LatentDiffusionModel(DiffusionModel):
         branch that classifier-free guidance needs (10% as in SD/Imagen).
     guidance: default CFG weight w of `sample()` (1 = plain conditional, 0 = unconditional).
     latent_scale: multiply VAE latents by this; None estimates it (module docstring).
+    clip_sample: bound on the sampler's predicted x0 (DiffusionModel's). None here, unlike in pixel space: scaled
+        latents have unit variance, not a [-1, 1] range (about a quarter of the emoji VAE's values lie outside it,
+        some beyond 3), and clipping them distorts every sample; Stable Diffusion does not clip latents either.
     sample_prompts: prompts `sample()` cycles through when called without any (sample grids, evaluation).
     vae_config / text_from_clip: filled in automatically, so a checkpoint rebuilds without the original files.
     """
@@ -69,6 +72,7 @@ class LatentDiffusionModel(DiffusionModel):
         caption_dropout: float = 0.1,
         guidance: float = 3.0,
         latent_scale: float | None = None,
+        clip_sample: float | None = None,
         sample_prompts: Sequence[str] = DEFAULT_PROMPTS,
         vae_config: dict[str, Any] | None = None,
         text_from_clip: bool = False,
@@ -98,7 +102,7 @@ class LatentDiffusionModel(DiffusionModel):
         if pooled_text is None:  # a checkpoint saved before pooled_text existed was trained without it
             pooled_text = vae_config is None
         unet_config.cond_dim = text_encoder.width if pooled_text else 0
-        super().__init__(unet=unet_config, image_size=image_size // factor, **kwargs)
+        super().__init__(unet=unet_config, image_size=image_size // factor, clip_sample=clip_sample, **kwargs)
         self.hparams.update(
             image_size=image_size,
             vae_config={k: v for k, v in vae.hparams.items() if not k.startswith("_")},
