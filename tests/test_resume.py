@@ -108,6 +108,16 @@ def test_resume_and_no_resume_touch_only_this_runs_checkpoints(tmp_path, monkeyp
     assert (tmp_path / "vae.ckpt").is_file()
 
 
+def test_step_checkpoints_hold_that_steps_ema(toy_shards, tmp_path):
+    """A checkpoint written every N steps (or on SIGUSR1) is written at the batch end: the EMA must already have
+    taken that step's update, or a run resumed from it lacks one update an uninterrupted run has."""
+    fit(toy_shards, tmp_path, "--trainer.max_steps=4", "--checkpoint.save_top_k=-1", *NO_LOGGER)
+    for step in (2, 4):
+        path = next((tmp_path / "checkpoints").glob(f"*step={step}.ckpt"))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert (state["global_step"], int(state["state_dict"]["ema.num_updates"])) == (step, step), path.name
+
+
 NAN_MODEL = "--model.class_path=tests.faulty_models.NaNLossDiffusion"
 
 

@@ -59,10 +59,25 @@ class GenerativeModule(L.LightningModule):
         trainer = self._trainer
         return bool(trainer and "mixed" in str(trainer.precision) and trainer.gradient_clip_val)
 
-    def update_ema(self, ema: EMA, model: torch.nn.Module) -> None:
-        """Once per optimizer step (not per micro-batch under gradient accumulation)."""
-        if self.trainer.global_step != self._last_ema_step:
-            self._last_ema_step = self.trainer.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if not self.trainer.strategy.handles_gradient_accumulation:
+            # Right after the step, before any callback's batch-end hook: a checkpoint written there (every N steps,
+            # SIGUSR1) holds this step's EMA, so a resumed run's EMA is the uninterrupted run's. The loop counts the
+            # step once this hook returns.
+            self.after_optimizer_step(self.trainer.global_step + 1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # DeepSpeed calls optimizer_step on every micro-batch and steps inside its engine: wait until it is counted.
+        if self.trainer.strategy.handles_gradient_accumulation:
+            self.after_optimizer_step(self.trainer.global_step)
+
+    def after_optimizer_step(self, steps_done: int) -> None:
+        """Called once per optimizer step (not per micro-batch under gradient accumulation): EMA updates go here."""
+
+    def update_ema(self, ema: EMA, model: torch.nn.Module, steps_done: int) -> None:
+        if steps_done != self._last_ema_step:
+            self._last_ema_step = steps_done
             decay = ema.update(model)
             self.log("train/ema_decay", decay, on_step=True, on_epoch=False)
 

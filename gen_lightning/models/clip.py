@@ -112,7 +112,7 @@ class CLIPModel(GenerativeModule):
         self.log("train/logit_scale", self.logit_scale.exp().detach(), batch_size=len(batch["caption"]))
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def after_optimizer_step(self, steps_done: int) -> None:
         with torch.no_grad():
             self.logit_scale.clamp_(0, self.hparams.max_logit_scale)
 

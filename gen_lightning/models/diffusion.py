@@ -110,8 +110,8 @@ class DiffusionModel(GenerativeModule):
         loss = self.loss_fn(denoiser, x0, generator=generator, pixel_weight=self.pixel_weight(batch))
         self.log("val/loss", loss, sync_dist=True, batch_size=x0.shape[0])
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.update_ema(self.ema, self.unet)
+    def after_optimizer_step(self, steps_done: int) -> None:
+        self.update_ema(self.ema, self.unet, steps_done)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.adamw_with_warmup(self.unet.parameters())

@@ -192,8 +192,8 @@ class LatentDiffusionModel(DiffusionModel):
         hidden, mask, pooled = context
         return unet(x, t, hidden, mask, pooled if self.hparams.pooled_text else None)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.update_ema(self.ema, self.trained)
+    def after_optimizer_step(self, steps_done: int) -> None:
+        self.update_ema(self.ema, self.trained, steps_done)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.adamw_with_warmup(p for p in self.trained.parameters() if p.requires_grad)

@@ -139,8 +139,8 @@ class VAEModel(GenerativeModule):
         self.log("train/logvar", self.logvar.detach(), batch_size=n)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.update_ema(self.ema, self.autoencoder)
+    def after_optimizer_step(self, steps_done: int) -> None:
+        self.update_ema(self.ema, self.autoencoder, steps_done)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # A fixed generator per batch: the dequantisation noise and z are the same draws at every evaluation.
