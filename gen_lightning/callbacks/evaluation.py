@@ -164,11 +164,13 @@ class GenerativeEvaluation(PeriodicSampling):
     @torch.no_grad()
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         self._ensure_reference(trainer)
-        share = 2 if trainer.fast_dev_run else self.share(trainer)  # a smoke test checks the path, not the number
+        total = 2 * trainer.world_size if trainer.fast_dev_run else self.num_samples  # smoke test: the path, not N
+        # Exactly `num_samples` over the ranks (FID depends on N), each rank prompted with its own captions.
+        offset, share = self.rank_part(total, trainer.world_size, trainer.global_rank)
         generator = self.generator(trainer, pl_module)
         for start in range(0, share, self.batch_size):
             count = min(self.batch_size, share - start)
-            prompts = cycled(self.prompts, start, count) if self.prompts else None
+            prompts = cycled(self.prompts, offset + start, count) if self.prompts else None
             images = self.draw(trainer, pl_module, count, generator, prompts)
             self.metrics.update(images, real=False)
             if self.clip_score is not None and prompts is not None:

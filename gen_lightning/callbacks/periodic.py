@@ -55,6 +55,13 @@ class PeriodicSampling(L.Callback):
         """This rank's number of samples; equal on all ranks (keeps all_gather shapes equal; extras are dropped)."""
         return -(-(num_samples or self.num_samples) // trainer.world_size)
 
+    @staticmethod
+    def rank_part(total: int, world: int, rank: int) -> tuple[int, int]:
+        """(offset, count) of this rank's part of `total` items split in order as evenly as possible: every item
+        exactly once over the ranks (a metric over N samples must see N), and at least one per rank."""
+        base, extra = divmod(total, world)
+        return rank * base + min(rank, extra), max(1, base + (rank < extra))
+
     def draw(
         self,
         trainer: L.Trainer,
