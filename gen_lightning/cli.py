@@ -236,6 +236,9 @@ def sample_main(args: Sequence[str]) -> None:
 
     model = load_model(ns.ckpt).to(ns.device)
     apply_clip_sample(model, ns)
+    sampler = ns.sampler or model.hparams.get("sampler")
+    if ns.eta is not None and sampler != "ddim":
+        parser.error(f"--eta is DDIM's noise scale; {ns.ckpt} would sample with {sampler!r}")
     conditional = getattr(model, "text_conditioned", False)
     if ns.prompt and not conditional:
         parser.error(f"--prompt: {ns.ckpt} holds a {type(model).__name__}, which is not text-conditioned")
@@ -353,6 +356,10 @@ def evaluate_main(args: Sequence[str]) -> None:
     model = load_model(ns.ckpt).to(ns.device)
     apply_clip_sample(model, ns)
     if hasattr(model, "predict_next"):  # a world model: scored on held-out episodes, not unconditional samples
+        unused = [flag for flag, given in (("--guidance", ns.guidance is not None), ("--clip", ns.clip is not None),
+                                           ("--no-kid", ns.no_kid)) if given]  # fmt: skip
+        if unused:
+            parser.error(f"{', '.join(unused)}: not used for a world model ({ns.ckpt}); it reports FID without KID")
         return evaluate_world_model(model, ns)
     image_size = int(model.hparams.image_size)
     text_conditioned = bool(getattr(model, "text_conditioned", False))

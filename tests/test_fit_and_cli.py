@@ -180,6 +180,9 @@ def test_sample_cli_clip_sample_overrides_the_checkpoints(tiny_run, tmp_path, ca
     with pytest.raises(SystemExit):
         grid("--clip-sample", "0")
     assert "argument --clip-sample: '0': expected a positive number or 'none'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # eta is DDIM's: with DDPM it would be ignored
+        grid("--sampler", "ddpm", "--eta", "0.5")
+    assert "--eta is DDIM's noise scale" in capsys.readouterr().err
 
 
 def test_validate_subcommand_on_the_checkpoint(tiny_run, toy_shards, tmp_path, capsys):

@@ -374,6 +374,11 @@ def test_evaluate_cli_reports_world_metrics_and_fid(world_run, toy_world, tmp_pa
     assert report["fid"] > 0 and 0 < report["psnr"] < 100 and "rollout_psnr_t04" in report
     assert report["psnr_copy_last"] > 0 and Path(report["strips"]["rollout"]).is_file()
     assert json.loads(capsys.readouterr().out) == report
+    # Options for image models are refused, not silently ignored.
+    with pytest.raises(SystemExit):
+        main(["evaluate", f"--ckpt={world_run / 'checkpoints' / 'last.ckpt'}", f"--data={toy_world[1]}",
+              "--guidance=3", "--no-kid"])  # fmt: skip
+    assert "--guidance, --no-kid: not used for a world model" in capsys.readouterr().err
 
 
 def test_random_flip_is_refused(toy_world, tmp_path):
