@@ -117,6 +117,19 @@ def test_truncated_tar_keeps_the_complete_samples_and_counts_the_break(tmp_path,
     assert f"data in shard {shard}: unreadable tar data (ReadError: unexpected end of data)" in warnings_text(caplog)
 
 
+def test_a_cut_pipe_shard_is_named_not_the_one_before_it(tmp_path, caplog):
+    """A `pipe:` stream's read error names a process, not a file: the shard is the one being read, even when the cut is
+    in its first member (the last member seen came from the shard before)."""
+    write_shards(toy_samples(6, size=6), tmp_path, samples_per_shard=3, val_fraction=0.0)
+    second = tmp_path / "train-000001.tar"
+    with tarfile.open(second) as tar:
+        first_member = tar.getmembers()[0]
+    second.write_bytes(second.read_bytes()[: first_member.offset_data + first_member.size // 2])
+    read, skipped = read_val(f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar")
+    assert read["key"] == ["toy_00000", "toy_00001", "toy_00002"] and skipped == 1
+    assert f"data in shard pipe:cat {second}: unreadable tar data" in warnings_text(caplog)
+
+
 def test_empty_cut_header_and_non_tar_shards_each_count_once_per_pass(tmp_path, caplog):
     good = write_tar(tmp_path / "s-0.tar", captioned("a", (255, 0, 0), b"red"))
     (tmp_path / "s-1.tar").write_bytes(b"")

@@ -74,7 +74,7 @@ class SkipCounter:
         self.source = source
         self.limit = limit
         self.in_a_row = 0
-        self._url = "?"  # shard of the tar member webdataset is grouping (its own errors there do not say)
+        self._url = "?"  # the shard being read (webdataset's errors inside a member name only a file, or a Pipe)
         self._member_error_stream: str | None = None
 
     def skipped(self, reason: str, where: str) -> None:
@@ -90,10 +90,17 @@ class SkipCounter:
     def used(self) -> None:
         self.in_a_row = 0
 
+    def opening(self, streams: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Passes webdataset's opened shard streams through, remembering which shard is read: the expander reads one
+        stream to its end before it takes the next, so an error until then is that shard's."""
+        for stream in streams:
+            self._url = stream.get("url", "?")
+            yield stream
+
     def track(self, files: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Passes webdataset's member records through, remembering each one's shard for `tar_error`."""
+        """Passes webdataset's member records through (a member error's repeat report can only come before the next
+        member)."""
         for record in files:
-            self._url = record.get("__url__", self._url)
             self._member_error_stream = None  # the shard read on after a member error: no repeat report will come
             yield record
 
@@ -136,7 +143,7 @@ def read_tar_samples(shards: Iterable[dict[str, str]], skips: SkipCounter) -> It
     from webdataset import tariterators
 
     streams = tariterators.url_opener(shards, handler=skips.tar_error)
-    files = tariterators.tar_file_expander(streams, handler=skips.tar_error)
+    files = tariterators.tar_file_expander(skips.opening(streams), handler=skips.tar_error)
     return tariterators.group_by_keys(skips.track(files), handler=skips.tar_error)
 
 
