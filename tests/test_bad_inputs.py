@@ -386,8 +386,9 @@ def test_the_same_key_in_two_places_is_two_samples_never_mixed(tmp_path):
 
 def test_a_shard_listed_twice_is_an_error(tmp_path):
     write_tar(tmp_path / "d-0.tar", captioned("k", (255, 0, 0), b"red"))
-    with pytest.raises(ShardPatternError, match=r"lists '.*d-0\.tar' more than once"):
-        read_val(f"{tmp_path}/d-{{0..0}}.tar::{tmp_path}/d-0.tar")
+    for other_spelling in (f"{tmp_path}/d-0.tar", f"{tmp_path}/./d-0.tar", f"file:{tmp_path}/d-0.tar"):
+        with pytest.raises(ShardPatternError, match=r"lists '.*d-0\.tar' more than once"):
+            read_val(f"{tmp_path}/d-{{0..0}}.tar::{other_spelling}")
 
 
 # --- patterns and files ----------------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ class ShardPatternError(UserInputError):
     """A shard pattern that cannot be used; the message names the pattern and what is wrong."""
 
 
+def _shard_identity(url: str) -> str:
+    """Local shards by real path (`a.tar`, `./a.tar` and `file:a.tar` are one file); remote URLs as written."""
+    return url if url.startswith(REMOTE_PREFIXES) else os.path.realpath(url.removeprefix("file:"))
+
+
 def expand_pattern(pattern: str) -> list[str]:
     """Expand `a-{000..009}.tar` (and `::`-separated lists, as webdataset does) and check local shards exist.
 
@@ -25,7 +30,8 @@ def expand_pattern(pattern: str) -> list[str]:
     if not pattern or not pattern.strip():
         raise ShardPatternError("empty shard pattern")
     urls = [url for part in pattern.split("::") for url in braceexpand.braceexpand(part.strip())]
-    repeated = sorted(url for url, count in Counter(urls).items() if count > 1)
+    listed = Counter(map(_shard_identity, urls))
+    repeated = [url for url in urls if listed[_shard_identity(url)] > 1]
     if repeated:  # usually two `::` parts that overlap; val would count those samples twice
         raise ShardPatternError(f"shard pattern {pattern!r} lists {repeated[0]!r} more than once")
     local = [url.removeprefix("file:") for url in urls if not url.startswith(REMOTE_PREFIXES)]
