@@ -28,7 +28,7 @@ def generative(rank: int, world: int, data: dict) -> dict:
     else:
         metrics.update_features(data["real"].chunk(world)[rank], real=True)
     metrics.update_features(data["fake"].chunk(world)[rank], real=False)
-    torch.manual_seed(0)  # KID draws its subsets from the global RNG: the same draws as the single-process run
+    torch.manual_seed(rank)  # each rank's global RNG differs, as in training: KID must not depend on it
     return metrics.compute()
 
 

@@ -123,7 +123,6 @@ def test_two_process_fid_and_kid_equal_single_process(reference, tmp_path):
     torch.save(data, tmp_path / "features.pt")
     probe = [sys.executable, str(REPO / "tests" / "metrics_dist_probe.py"), "generative", str(tmp_path / "features.pt")]
     subprocess.run([*probe, str(tmp_path), str(free_port())], check=True, timeout=180, cwd=REPO)
-    torch.manual_seed(0)
     expected = single.compute()
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -132,13 +131,19 @@ def test_two_process_fid_and_kid_equal_single_process(reference, tmp_path):
             assert got[name] == pytest.approx(value, rel=1e-3), name
 
 
-def test_a_small_evaluation_shrinks_the_kid_subset_for_itself_only():
+def test_a_small_evaluation_shrinks_the_kid_subset_for_itself_only_and_kid_leaves_the_rng_alone():
     torch.manual_seed(0)
     metrics = fresh_metrics(torch.nn.Identity(), kid_subset_size=30)
     metrics.update_features(torch.randn(40, 2048), real=True)
     metrics.update_features(torch.randn(10, 2048), real=False)
-    assert "kid" in metrics.compute()  # on subsets of 10, the samples there are
+    torch.manual_seed(123)
+    training_draw = torch.rand(3)
+    torch.manual_seed(123)
+    first = metrics.compute()
+    assert "kid" in first  # on subsets of 10, the samples there are
     assert metrics.kid.subset_size == 30  # the next evaluation, with more samples, uses the configured size
+    assert torch.equal(torch.rand(3), training_draw)  # evaluating left the training run's random stream alone
+    assert metrics.compute()["kid"] == first["kid"]  # and draws the same KID subsets every time
 
 
 @pytest.mark.parametrize(("total", "world"), [(1000, 3), (1000, 8), (7, 2), (5, 5), (64, 1)])

@@ -109,8 +109,12 @@ class GenerativeMetrics(nn.Module):
             subset = min(configured, *self._kid_counts())
             if subset >= 2:
                 self.kid.subset_size = subset  # KID needs subset_size <= samples; small evaluations shrink it
+                # KID draws its subsets from torch's global RNG: fix the draws, so every evaluation (and every rank)
+                # uses the same ones and the training run's random stream is not consumed by evaluating.
                 try:
-                    mean, std = self.kid.compute()
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(0)
+                        mean, std = self.kid.compute()
                 finally:
                     self.kid.subset_size = configured  # for the next evaluation, which may have more samples
                 result.update(kid=float(mean), kid_std=float(std))
