@@ -1,4 +1,5 @@
-"""CLIP score (Hessel et al. 2021; as torchmetrics reports it): 100 · max(cos(f(image), g(caption)), 0), averaged.
+"""CLIP score (Hessel et al. 2021): 100 · max(cos(f(image), g(caption)), 0) per pair, averaged. (torchmetrics'
+CLIPScore clamps the average instead; the two differ only when some pairs' cosines are negative.)
 
 The metric runs over any image/text encoder pair that implements `TextImageEncoder` (the project's CLIP model is
 meant to; a local Hugging Face CLIP directory can be wrapped the same way). Captions longer than the text encoder's
