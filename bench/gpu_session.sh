@@ -8,7 +8,7 @@ out=${OUT:-gpu_session}
 mkdir -p "$out"
 py=.venv/bin/python
 nvidia-smi | tee "$out/nvidia-smi.txt"
-$py -m pytest -q -ra tests/test_presets.py -k gpu 2>&1 | tail -15 | tee "$out/gpu_tests.txt"
+$py -m pytest -q -ra tests/test_presets.py tests/test_world_model.py -k gpu 2>&1 | tail -15 | tee "$out/gpu_tests.txt"
 $py -m bench.mfu --size 256 --batch 32 2>&1 | tail -8 | tee "$out/mfu.txt"
 $py -m bench.mfu --size 256 --batch 32 --compile 2>&1 | tail -8 | tee "$out/mfu_compile.txt"
 WANDB_MODE=disabled .venv/bin/gen-lightning fit --config configs/ddpm_emoji.yaml --config configs/trainer/ddp-bf16.yaml \
