@@ -192,3 +192,13 @@ def test_clip_fit_logs_retrieval_and_zero_shot_to_wandb(toy_shards, tmp_path):
     # toy captions name colour and shape; 40 steps learn colour well above chance
     assert val["val/zeroshot_color_top1"] > 0.5, val
     assert any("train/loss" in row for row in rows)
+
+
+def test_zero_shot_skips_missing_and_empty_labels():
+    """A val sample's json may lack a label or hold an empty one: it is left out of the zero-shot score, not fatal."""
+    model = tiny_clip()
+    features = F.normalize(torch.randn(5, 16), dim=-1)
+    labels = [{"group": "x"}, {"group": "y"}, {"group": ""}, {}, {"group": "x"}]
+    scores = model.validation_scores(features, features, ["a", "b", "c", "d", "e"], labels)
+    key = f"zeroshot_{model.hparams.zero_shot_keys[0]}_chance"
+    assert scores[key] == pytest.approx(1 / 2)  # two classes, scored on the three labelled samples

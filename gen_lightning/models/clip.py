@@ -183,7 +183,7 @@ class CLIPModel(GenerativeModule):
             classes = sorted({name for name in names if name})
             if len(classes) < 2:
                 continue
-            known = torch.tensor([name is not None for name in names])
+            known = torch.tensor([bool(name) for name in names])  # a missing or empty label is not scored
             prompts = [self.hparams.zero_shot_template.format(class_prompt(name)) for name in classes]
             tokens, _ = self.tokenize(prompts)
             class_features = F.normalize(self.encode_text(tokens.to(self.device)).float().cpu(), dim=-1)
