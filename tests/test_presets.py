@@ -3,6 +3,7 @@ are built here without a GPU (strategy objects only) and run for real by the GPU
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 
 from gen_lightning.cli import main
 from tests.conftest import REPO, tiny_fit_args
+from tests.test_datamodule import free_port
 
 PRESETS = sorted(p.stem for p in (REPO / "configs" / "trainer").glob("*.yaml"))
 
@@ -56,6 +58,7 @@ def test_fsdp_preset_wraps_the_blocks_our_models_are_made_of(capsys):
     from torch.distributed.fsdp import ShardingStrategy
 
     from gen_lightning.models import DiffusionModel
+    from gen_lightning.nn.autoencoder import Autoencoder
     from gen_lightning.nn.text import TextConfig, TextEncoder
 
     trainer = resolved_trainer("fsdp", capsys)
@@ -67,7 +70,8 @@ def test_fsdp_preset_wraps_the_blocks_our_models_are_made_of(capsys):
     wrapped = set(strategy.kwargs["auto_wrap_policy"]._module_classes)
     model = DiffusionModel(unet={"channels": [8, 16], "attention_levels": [1], "num_heads": 2}, image_size=16)
     text = TextEncoder(TextConfig(context_length=8, width=16, layers=1, heads=2))
-    present = {type(m) for m in [*model.modules(), *text.modules()]}
+    vae = Autoencoder({"channels": [8], "latent_channels": 2})
+    present = {type(m) for m in [*model.modules(), *text.modules(), *vae.modules()]}
     assert wrapped <= present, f"wrap policy names classes the models no longer use: {wrapped - present}"
 
 
@@ -105,3 +109,18 @@ def test_bf16_mixed_fit_with_gradient_clipping_on_cpu(toy_shards, tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 2
     assert state["optimizer_states"][0]["param_groups"][0]["fused"] is False
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_preset_trains_the_unet_and_its_ema_like_one_process(tmp_path):
+    """configs/trainer/fsdp.yaml's wrapping, on 2 CPU ranks (gloo): UNet layers wrapped in FSDP units still get their
+    embedding and context, each rank's EMA update pairs its own slices of the network and of the EMA copy, and the
+    weights, the EMA and the EMA copy's denoising output equal the same steps in one process."""
+    out = tmp_path / "fsdp.json"
+    probe = [sys.executable, str(REPO / "tests" / "fsdp_probe.py"), str(out), str(free_port())]
+    subprocess.run(probe, check=True, timeout=280, cwd=REPO)
+    report = json.loads(out.read_text())
+    assert report["missing"] == []
+    assert report["ema_moved"] > 1e-3  # two updates really changed the EMA copy
+    assert report["max_weight_diff"] < 1e-5 and report["max_ema_diff"] < 1e-5
+    assert report["max_output_diff"] < 1e-4

@@ -10,8 +10,8 @@ from torch import nn
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with gcd(channels, max_groups) groups: 32 for multiples of 32, 16 for 48 or 80, 8 for 24 (narrow CPU
-    models). Not the largest divisor of `channels` up to max_groups (that would be 24 for 48): checkpoints rely on it."""
+    """GroupNorm with gcd(channels, max_groups) groups: 32 for multiples of 32, 16 for 48 or 80, 8 for 24 (narrow
+    CPU models). Not the largest divisor of `channels` up to max_groups (24 for 48): checkpoints rely on it."""
     groups = math.gcd(channels, max_groups)
     return nn.GroupNorm(groups, channels, eps=1e-6)
 

@@ -14,6 +14,17 @@ from torch.utils.checkpoint import checkpoint
 from gen_lightning.nn.config import NetConfig
 from gen_lightning.nn.layers import Downsample, ResBlock, SpatialAttention, Upsample, group_norm, timestep_embedding
 
+RES, ATTENTION, PLAIN = "res", "attention", "plain"  # a layer takes (h, emb) / (h, context, mask) / (h)
+
+
+class LayerBlock(nn.ModuleList):
+    """Layers run in turn, each with what its kind takes. The kinds are kept beside the layers (and survive deepcopy
+    for the EMA): FSDP and other wrappers hide the layers' classes, so dispatching on isinstance would break."""
+
+    def __init__(self, *layers: tuple[str, nn.Module]) -> None:
+        super().__init__(layer for _, layer in layers)
+        self.kinds = tuple(kind for kind, _ in layers)
+
 
 @dataclass
 class UNetConfig(NetConfig):
@@ -57,35 +68,37 @@ class UNet(nn.Module):
         def attention(ch: int) -> SpatialAttention:
             return SpatialAttention(ch, config.num_heads, config.context_dim, config.attention)
 
+        def res_block(ch_in: int, ch_out: int, level: int) -> LayerBlock:
+            layers = [(RES, ResBlock(ch_in, ch_out, emb_dim, config.dropout))]
+            if level in config.attention_levels:
+                layers.append((ATTENTION, attention(ch_out)))
+            return LayerBlock(*layers)
+
         self.down = nn.ModuleList()
         skip_widths = [widths[0]]
         ch = widths[0]
         for level, width in enumerate(widths):
             for _ in range(config.num_res_blocks):
-                block = nn.ModuleList([ResBlock(ch, width, emb_dim, config.dropout)])
-                if level in config.attention_levels:
-                    block.append(attention(width))
-                self.down.append(block)
+                self.down.append(res_block(ch, width, level))
                 ch = width
                 skip_widths.append(ch)
             if level < len(widths) - 1:
-                self.down.append(nn.ModuleList([Downsample(ch)]))
+                self.down.append(LayerBlock((PLAIN, Downsample(ch))))
                 skip_widths.append(ch)
 
-        self.mid = nn.ModuleList(
-            [ResBlock(ch, ch, emb_dim, config.dropout), attention(ch), ResBlock(ch, ch, emb_dim, config.dropout)]
+        self.mid = LayerBlock(
+            (RES, ResBlock(ch, ch, emb_dim, config.dropout)),
+            (ATTENTION, attention(ch)),
+            (RES, ResBlock(ch, ch, emb_dim, config.dropout)),
         )
 
         self.up = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             for _ in range(config.num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(ch + skip_widths.pop(), width, emb_dim, config.dropout)])
-                if level in config.attention_levels:
-                    block.append(attention(width))
-                self.up.append(block)
+                self.up.append(res_block(ch + skip_widths.pop(), width, level))
                 ch = width
             if level > 0:
-                self.up.append(nn.ModuleList([Upsample(ch)]))
+                self.up.append(LayerBlock((PLAIN, Upsample(ch))))
 
         self.out_norm = group_norm(ch)
         self.out_conv = nn.Conv2d(ch, config.out_channels, 3, padding=1)
@@ -95,22 +108,22 @@ class UNet(nn.Module):
 
     def _run(
         self,
-        block: nn.ModuleList,
+        block: LayerBlock,
         h: torch.Tensor,
         emb: torch.Tensor,
         context: torch.Tensor | None,
         context_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        for layer in block:
-            if isinstance(layer, ResBlock):
+        for kind, layer in zip(block.kinds, block, strict=True):
+            if kind == RES:
                 h = layer(h, emb)
-            elif isinstance(layer, SpatialAttention):
+            elif kind == ATTENTION:
                 h = layer(h, context, context_mask)
             else:
                 h = layer(h)
         return h
 
-    def _block(self, block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, context, context_mask) -> torch.Tensor:
+    def _block(self, block: LayerBlock, h: torch.Tensor, emb: torch.Tensor, context, context_mask) -> torch.Tensor:
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # Recompute activations in backward: trades ~30% more compute for much less memory on large UNets.
             return checkpoint(self._run, block, h, emb, context, context_mask, use_reentrant=False)
@@ -141,7 +154,7 @@ class UNet(nn.Module):
             skips.append(h)
         h = self._block(self.mid, h, emb, context, context_mask)
         for block in self.up:
-            if isinstance(block[0], ResBlock):
+            if block.kinds[0] == RES:  # residual blocks take the skip; an upsampling block does not
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._block(block, h, emb, context, context_mask)
         return self.out_conv(F.silu(self.out_norm(h)))
