@@ -1,6 +1,7 @@
 """Run by test_presets in a subprocess: 2 gloo ranks wrap a UNet and its EMA with torch's FSDP exactly as
-configs/trainer/fsdp.yaml does (its auto_wrap_policy classes, use_orig_params), take two training steps with EMA
-updates, sample through the EMA copy, and rank 0 compares the gathered weights with the same steps in one process.
+configs/trainer/fsdp.yaml does (its auto_wrap_policy classes, use_orig_params), take two training steps (gradients
+clipped by norm) with EMA updates, sample through the EMA copy, and rank 0 compares the gathered weights with the
+same steps in one process.
 
     python tests/fsdp_probe.py OUT.json PORT
 """
@@ -19,9 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from torch import nn
+from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 UNET = {"channels": [8, 16], "attention_levels": [1], "num_heads": 2, "context_dim": 6, "in_channels": 3}
+CLIP_NORM = 0.05
 
 
 def preset_wrap_classes() -> set[type]:
@@ -64,6 +68,12 @@ def train(model: nn.Module, rank: int, world: int) -> torch.Tensor:
         loss = (model(x, t, context) - x).square().mean()
         optimizer.zero_grad()
         loss.backward()
+        # The configs clip at norm 1; FSDP must take the norm over every rank's shard (GenerativeModule does so).
+        if isinstance(model, FullyShardedDataParallel):
+            norm = model.clip_grad_norm_(CLIP_NORM)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+        assert norm > CLIP_NORM  # the clip is active
         optimizer.step()
         inner.ema.update(inner.unet)
     with torch.no_grad():
@@ -73,9 +83,6 @@ def train(model: nn.Module, rank: int, world: int) -> torch.Tensor:
 def rank_main(rank: int, world: int, out: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
     reference = Diffusion()
     sharded = FullyShardedDataParallel(
         copy.deepcopy(reference),

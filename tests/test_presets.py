@@ -89,7 +89,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 @needs_gpu
-@pytest.mark.parametrize("preset", ["ddp-bf16", "deepspeed-zero2"])
+@pytest.mark.parametrize("preset", ["ddp-bf16", "deepspeed-zero2", "fsdp"])
 def test_gpu_fit_with_preset(preset, toy_shards, tmp_path):
     """A real bf16 fit of the diffusion config on one GPU; a subprocess, so DeepSpeed/NCCL state does not leak."""
     preset_file = str(REPO / "configs" / "trainer" / f"{preset}.yaml")
@@ -121,6 +121,6 @@ def test_fsdp_preset_trains_the_unet_and_its_ema_like_one_process(tmp_path):
     subprocess.run(probe, check=True, timeout=280, cwd=REPO)
     report = json.loads(out.read_text())
     assert report["missing"] == []
-    assert report["ema_moved"] > 1e-3  # two updates really changed the EMA copy
+    assert report["ema_moved"] > 1e-4  # two (clipped) updates really changed the EMA copy
     assert report["max_weight_diff"] < 1e-5 and report["max_ema_diff"] < 1e-5
     assert report["max_output_diff"] < 1e-4

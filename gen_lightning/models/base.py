@@ -52,6 +52,24 @@ class GenerativeModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except under FSDP, where Lightning refuses to clip by norm: each rank holds a shard
+        of every gradient, so the norm must be taken over all of them, which FSDP's own clip_grad_norm_ does."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r} under FSDP: use 'norm'")
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _clipping_under_mixed_precision(self) -> bool:
         """Lightning refuses gradient clipping with an optimizer that "unscales gradients internally" (any fused
         one) under *-mixed precision, even bf16 where nothing is scaled: the step would crash. Then AdamW runs its
