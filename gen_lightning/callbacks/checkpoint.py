@@ -4,6 +4,7 @@ never with non-finite weights, and carrying the logger run ids so a resumed run 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import Any
@@ -12,6 +13,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gen_lightning.checkpointing import AtomicCheckpointIO
@@ -27,8 +29,16 @@ def logger_run_ids(trainer: L.Trainer) -> dict[str, str]:
 
 
 def has_non_finite_weights(module: torch.nn.Module) -> bool:
-    tensors = module.state_dict().values()
-    return any(not torch.isfinite(tensor).all() for tensor in tensors if tensor.is_floating_point())
+    """NaN/Inf in this process's parameters or buffers: under FSDP its shards, read without a collective (a state_dict
+    would gather, and hang when one rank asks alone)."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors)
+
+
+def diverged(trainer: L.Trainer) -> bool:
+    """Whether any rank's weights hold NaN/Inf; the same answer on every rank (call on all of them). Sharded ranks
+    each see only their part, and a save is a collective that all of them must enter or skip together."""
+    return trainer.strategy.reduce_boolean_decision(has_non_finite_weights(trainer.lightning_module), all=False)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -54,7 +64,7 @@ class RunCheckpoint(ModelCheckpoint):
         barrier: the other ranks may already be leaving, and DDP replicas hold the same weights."""
         if not isinstance(exception, SIGTERMException) or self.dirpath is None:
             return
-        if trainer.strategy.checkpoint_io.__class__ is not AtomicCheckpointIO:
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):  # gathering the weights is a collective
             log.warning("SIGTERM: no checkpoint written (sharded strategy; rely on periodic/SIGUSR1 checkpoints)")
             return
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
@@ -64,9 +74,8 @@ class RunCheckpoint(ModelCheckpoint):
             log.warning("SIGTERM: saved %s at step %d before exiting", path, trainer.global_step)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        # A diverged model must not replace the last good checkpoint (the resume point). DDP replicas hold equal
-        # weights, so every rank takes the same decision.
-        if has_non_finite_weights(trainer.lightning_module):
+        # A diverged model must not replace the last good checkpoint (the resume point).
+        if diverged(trainer):
             log.error("not saving %s at step %d: the model has NaN/Inf weights", filepath, trainer.global_step)
             return
         super()._save_checkpoint(trainer, filepath)

@@ -22,7 +22,7 @@ from typing import Any
 
 import lightning as L
 
-from gen_lightning.callbacks.checkpoint import has_non_finite_weights
+from gen_lightning.callbacks.checkpoint import diverged
 from gen_lightning.slurm import requeue, slurm_job_id
 from gen_lightning.wandb_run import finish_wandb
 
@@ -60,8 +60,7 @@ class SlurmRequeue(L.Callback):
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         # A diverged model must not become the resume point (RunCheckpoint refuses it too). Saving is a collective
         # under sharded strategies, so the ranks agree on the check first.
-        diverged = has_non_finite_weights(trainer.lightning_module)
-        if trainer.strategy.reduce_boolean_decision(diverged, all=False):
+        if diverged(trainer):
             if trainer.is_global_zero:
                 log.error("%s: not saving %s at step %d: the model has NaN/Inf weights; the restarted job resumes "
                           "from the last good checkpoint", self.signum.name, path, trainer.global_step)  # fmt: skip
