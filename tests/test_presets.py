@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
 
 from gen_lightning.cli import main
-from tests.conftest import REPO, tiny_fit_args
+from tests.conftest import REPO, tiny_fit_args, toy_data_args
 from tests.test_datamodule import free_port
 
 PRESETS = sorted(p.stem for p in (REPO / "configs" / "trainer").glob("*.yaml"))
@@ -88,17 +88,37 @@ def test_deepspeed_presets(stage, capsys):
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
 
+TINY_CLIP = [
+    "--model.init_args.vision.width=32",
+    "--model.init_args.vision.layers=1",
+    "--model.init_args.text.width=32",
+    "--model.init_args.text.layers=1",
+    "--model.init_args.embed_dim=16",
+]
+
+
 @needs_gpu
-@pytest.mark.parametrize("preset", ["ddp-bf16", "deepspeed-zero2", "fsdp"])
+@pytest.mark.parametrize("preset", ["ddp-bf16", "fsdp", "deepspeed-zero2", "deepspeed-zero3"])
 def test_gpu_fit_with_preset(preset, toy_shards, tmp_path):
-    """A real bf16 fit of the diffusion config on one GPU; a subprocess, so DeepSpeed/NCCL state does not leak."""
+    """A real bf16 fit on one GPU; a subprocess, so DeepSpeed/NCCL state does not leak. The diffusion config under
+    DDP and FSDP; under DeepSpeed, CLIP (no EMA), and the diffusion config must be refused with the reason."""
     preset_file = str(REPO / "configs" / "trainer" / f"{preset}.yaml")
-    args = [*tiny_fit_args(toy_shards, tmp_path), "--config", preset_file, "--trainer.devices=1",
-            "--trainer.max_steps=20", "--trainer.logger=false", "--trainer.callbacks=[]"]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "gen_lightning.cli", "fit", *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    common = ["--config", preset_file, "--trainer.devices=1", "--trainer.max_steps=20", "--trainer.logger=false",
+              "--trainer.callbacks=[]"]  # fmt: skip
+
+    def fit(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gen_lightning.cli", "fit", *args, *common], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    diffusion = fit(tiny_fit_args(toy_shards, tmp_path / "diffusion"))
+    if preset.startswith("deepspeed"):
+        assert diffusion.returncode != 0 and "keeps an EMA copy" in diffusion.stderr, diffusion.stderr[-3000:]
+        clip = fit([*toy_data_args(toy_shards, tmp_path / "clip", "configs/clip_emoji.yaml"), *TINY_CLIP])
+        assert clip.returncode == 0, clip.stdout[-3000:] + clip.stderr[-3000:]
+        assert (tmp_path / "clip" / "checkpoints" / "last.ckpt").exists()
+    else:
+        assert diffusion.returncode == 0, diffusion.stdout[-3000:] + diffusion.stderr[-3000:]
+        assert (tmp_path / "diffusion" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_bf16_mixed_fit_with_gradient_clipping_on_cpu(toy_shards, tmp_path):
@@ -124,3 +144,19 @@ def test_fsdp_preset_trains_the_unet_and_its_ema_like_one_process(tmp_path):
     assert report["ema_moved"] > 1e-4  # two (clipped) updates really changed the EMA copy
     assert report["max_weight_diff"] < 1e-5 and report["max_ema_diff"] < 1e-5
     assert report["max_output_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_models_with_ema_refuse_deepspeed_and_say_why(preset, capsys):
+    from gen_lightning.models import DiffusionModel
+    from gen_lightning.models.base import strategy_problem
+    from tests.test_clip import tiny_clip
+
+    strategy = build_strategy(resolved_trainer(preset, capsys).get("strategy", "auto"))
+    diffusion = DiffusionModel(unet={"channels": [8, 16], "attention_levels": [1], "num_heads": 2}, image_size=16)
+    problem = strategy_problem(diffusion, strategy)
+    if preset.startswith("deepspeed"):
+        assert "keeps an EMA copy" in problem and "configs/trainer/fsdp.yaml" in problem
+    else:
+        assert problem is None
+    assert strategy_problem(tiny_clip(), strategy) is None  # CLIP has no EMA: DeepSpeed is fine

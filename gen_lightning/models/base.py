@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from gen_lightning.errors import UserInputError
 from gen_lightning.nn.ema import EMA
 
 CHECKPOINT_FORMAT = 1
@@ -51,6 +52,10 @@ class GenerativeModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and (problem := strategy_problem(self, self.trainer.strategy)):
+            raise UserInputError(problem)
 
     def configure_gradient_clipping(
         self,
@@ -121,3 +126,19 @@ class GenerativeModule(L.LightningModule):
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
             "format": CHECKPOINT_FORMAT,
         }
+
+
+def strategy_problem(model: L.LightningModule, strategy: object) -> str | None:
+    """Why `model` cannot train under `strategy`, or None. DeepSpeed owns every weight of the module it wraps: with
+    bf16 it casts the EMA copy to bf16, where the EMA's per-step change (~1e-3 of the gap) rounds away, and ZeRO-3
+    frees partitioned weights outside forward, so the update changes nothing. Either way the EMA weights, which
+    sampling and evaluation use, would silently stop following training."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy) and any(isinstance(m, EMA) for m in model.modules()):
+        return (
+            f"{type(model).__name__} keeps an EMA copy of its weights, which DeepSpeed cannot keep (bf16 rounds its "
+            "updates away; ZeRO-3 frees it outside forward). Train it with configs/trainer/fsdp.yaml (sharded) or "
+            "configs/trainer/ddp-bf16.yaml; the DeepSpeed presets serve models without EMA (CLIP)."
+        )
+    return None
