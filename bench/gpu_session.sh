@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared script for a session that is lent a GPU (a few minutes of device time): the GPU tests (bf16 DDP and
 # FSDP fits of the diffusion config, DeepSpeed fits of CLIP), the MFU benchmark of the latent-diffusion UNet at 256²
-# in bf16, and a bf16 DDPM fit of a few hundred steps. Everything it prints goes to $OUT (or ./gpu_session/) for bench/RESULTS.md.
+# in bf16, and a bf16 DDPM fit of a few hundred steps. Everything it prints goes to $OUT (or ./gpu_session/) for
+# bench/RESULTS.md.
 #   bash bench/gpu_session.sh            # on the GPU machine, from the repository root, after `make setup`
 set -uo pipefail
 out=${OUT:-gpu_session}

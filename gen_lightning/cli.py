@@ -116,9 +116,11 @@ def resume_from_run_folder(config, root: Path) -> None:
     and decide alike; only global rank 0 moves files, or the others' moves of the same files would fail."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from gen_lightning.checkpointing import checkpoint_files, find_resume_checkpoint, set_aside, stored_run_ids
+    from gen_lightning.checkpointing import checkpoint_files, find_resume_checkpoint, set_aside
 
     if config.ckpt_path is not None:
+        if Path(config.ckpt_path).is_file():  # an explicit resume point continues its W&B run too
+            continue_wandb_run(config, Path(config.ckpt_path))
         return
     checkpoint_dir = Path(config.checkpoint.dirpath or root / "checkpoints")
     if not config.resume:
@@ -132,7 +134,14 @@ def resume_from_run_folder(config, root: Path) -> None:
     path, step = found
     config.ckpt_path = str(path)
     log.info("resuming from %s (global_step %d); --no-resume starts fresh", path, step)
-    wandb_id = stored_run_ids(path).get("wandb")
+    continue_wandb_run(config, path)
+
+
+def continue_wandb_run(config, checkpoint: Path) -> None:
+    """Log into the W&B run whose id `checkpoint` stores, unless the config names a run id itself."""
+    from gen_lightning.checkpointing import stored_run_ids
+
+    wandb_id = stored_run_ids(checkpoint).get("wandb")
     loggers = config.trainer.logger
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         if wandb_id and getattr(logger, "class_path", "").endswith("WandbLogger") and not logger.init_args.get("id"):

@@ -57,14 +57,16 @@ def test_rerunning_fit_resumes_step_optimizer_and_wandb_run(toy_shards, tmp_path
     assert torch.load(archive / "last.ckpt", weights_only=True)["global_step"] == 8
 
 
-def test_explicit_ckpt_path_wins_over_the_newest(toy_shards, tmp_path, caplog):
-    fit(toy_shards, tmp_path, "--trainer.max_steps=4", "--checkpoint.save_top_k=-1", *NO_LOGGER)
+def test_explicit_ckpt_path_wins_over_the_newest_and_continues_its_wandb_run(toy_shards, tmp_path, caplog):
+    fit(toy_shards, tmp_path, "--trainer.max_steps=4", "--checkpoint.save_top_k=-1")
     step2 = next((tmp_path / "checkpoints").glob("*step=2.ckpt"))
     with caplog.at_level(logging.INFO):
-        fit(toy_shards, tmp_path, "--trainer.max_steps=6", f"--ckpt_path={step2}", *NO_LOGGER)
+        fit(toy_shards, tmp_path, "--trainer.max_steps=6", f"--ckpt_path={step2}")
     messages = [r.getMessage() for r in caplog.records]
     assert not any("resuming from" in m for m in messages)
     assert any("Restored all states from the checkpoint" in m and str(step2) in m for m in messages)
+    first, second = wandb_runs(tmp_path)
+    assert run_id(first) == run_id(second)
 
 
 def test_atomic_save_and_resume_choice_skip_truncated_and_temp_files(tmp_path, caplog):
