@@ -184,8 +184,12 @@ def test_sigusr1_saves_no_hpc_checkpoint_of_a_diverged_model(poisoned, toy_shard
     monkeypatch.setattr("gen_lightning.callbacks.requeue.requeue", requeued.append)  # no scontrol here
     notice = ["--trainer.callbacks+=tests.faulty_models.SignalSelf", "--trainer.callbacks.step=3"]
     poison = ["--trainer.callbacks+=tests.faulty_models.PoisonWeights", "--trainer.callbacks.step=2"]
+    grid = ["--trainer.callbacks+=gen_lightning.callbacks.SampleGrid", "--trainer.callbacks.every_n_steps=0",
+            "--trainer.callbacks.num_samples=2", "--trainer.callbacks.steps=2"]  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="gen_lightning"):
-        fit(toy_shards, tmp_path, "--trainer.max_steps=10", *NO_LOGGER, *notice, *(poison if poisoned else []))
+        fit(toy_shards, tmp_path, "--trainer.max_steps=10", *NO_LOGGER, *grid, *notice, *(poison if poisoned else []))
+    # No end-of-training grid: the job is within SIGUSR1's margin of being killed, so it requeues first.
+    assert not (tmp_path / "samples").exists()
     assert requeued == ["4242"]
     hpc = tmp_path / "hpc_ckpt_1.ckpt"
     # The batch end that acts on the flag is step 3's or step 4's, depending on the order of the callbacks.
@@ -199,3 +203,6 @@ def test_sigusr1_saves_no_hpc_checkpoint_of_a_diverged_model(poisoned, toy_shard
         assert said.group(1) == "saved"
         assert torch.load(hpc, map_location="cpu", weights_only=True)["global_step"] == int(said.group(2))
         assert last_checkpoint(tmp_path)["global_step"] <= 4  # stopped at the notice, not at max_steps
+        # The restarted job resumes from the SIGUSR1 checkpoint, runs to the end and draws the final grid.
+        fit(toy_shards, tmp_path, "--trainer.max_steps=6", *NO_LOGGER, *grid)
+        assert [p.name for p in (tmp_path / "samples").iterdir()] == ["step_0000006.png"]

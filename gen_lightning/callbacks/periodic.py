@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from gen_lightning.callbacks.requeue import requeue_pending
+
 
 class PeriodicSampling(L.Callback):
     """Calls `run(trainer, pl_module)` every `every_n_steps` optimizer steps (0: only at the end of training), and at
@@ -47,6 +49,8 @@ class PeriodicSampling(L.Callback):
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if requeue_pending(trainer):  # SLURM kills the job in seconds: requeue first; the restarted job evaluates
+            return
         if trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
             self.run(trainer, pl_module)

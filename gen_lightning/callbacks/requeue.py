@@ -77,3 +77,8 @@ class SlurmRequeue(L.Callback):
             return
         finish_wandb(trainer)  # the requeue stops every process of the job: the W&B run file must be complete first
         requeue(job_id)
+
+
+def requeue_pending(trainer: L.Trainer) -> bool:
+    """True once SlurmRequeue has stopped training to requeue: the job is within SIGUSR1's margin of being killed."""
+    return any(isinstance(callback, SlurmRequeue) and callback.stopped for callback in trainer.callbacks)
