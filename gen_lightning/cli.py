@@ -289,7 +289,7 @@ def add_clip_sample_option(parser: argparse.ArgumentParser) -> None:
             value = float(text)
         except ValueError:
             value = 0.0
-        if value <= 0:
+        if not value > 0:  # also NaN
             raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number or 'none'")
         return value
 
@@ -406,7 +406,7 @@ def evaluate_main(args: Sequence[str]) -> None:
         "reference_cached": cached,
         "sampler": ns.sampler or model.hparams.sampler,
         "steps": ns.steps or model.hparams.sample_steps,
-        "clip_sample": model.hparams.clip_sample,
+        "clip_sample": model.hparams.get("clip_sample"),
         "guidance": ns.guidance if ns.guidance is not None else model.hparams.get("guidance", 1.0),
         "seed": ns.seed,
         "image_size": image_size,
@@ -469,7 +469,7 @@ def evaluate_world_model(model, ns: argparse.Namespace) -> None:
         "reference_cached": cached,
         "sampler": ns.sampler or model.hparams.sampler,
         "steps": ns.steps or model.hparams.sample_steps,
-        "clip_sample": model.hparams.clip_sample,
+        "clip_sample": model.hparams.get("clip_sample"),
         "seed": ns.seed,
         "image_size": image_size,
         "checkpoint": str(ns.ckpt),

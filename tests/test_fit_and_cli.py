@@ -179,9 +179,10 @@ def test_sample_cli_clip_sample_overrides_the_checkpoints(tiny_run, tmp_path, ca
     # Predicted images bounded to ±0.001: the last step returns them, so the grid is mid-grey, whatever the model.
     tight = grid("--clip-sample", "0.001")
     assert abs(np.median(tight) - 127.5) <= 1 and np.abs(tight - clipped).max() > 0
-    with pytest.raises(SystemExit):
-        grid("--clip-sample", "0")
-    assert "argument --clip-sample: '0': expected a positive number or 'none'" in capsys.readouterr().err
+    for bad in ("0", "nan"):
+        with pytest.raises(SystemExit):
+            grid("--clip-sample", bad)
+        assert f"argument --clip-sample: '{bad}': expected a positive number or 'none'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # eta is DDIM's: with DDPM it would be ignored
         grid("--sampler", "ddpm", "--eta", "0.5")
     assert "--eta is DDIM's noise scale" in capsys.readouterr().err

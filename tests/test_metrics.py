@@ -139,7 +139,11 @@ def test_a_small_evaluation_shrinks_the_kid_subset_for_itself_only_and_kid_leave
     torch.manual_seed(123)
     training_draw = torch.rand(3)
     torch.manual_seed(123)
-    first = metrics.compute()
+    cuda_seeded = []  # a GPU run draws its training noise from CUDA's generator: KID must not reseed it
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "manual_seed_all", cuda_seeded.append)
+        first = metrics.compute()
+    assert cuda_seeded == []
     assert "kid" in first  # on subsets of 10, the samples there are
     assert metrics.kid.subset_size == 30  # the next evaluation, with more samples, uses the configured size
     assert torch.equal(torch.rand(3), training_draw)  # evaluating left the training run's random stream alone

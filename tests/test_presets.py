@@ -147,10 +147,11 @@ def test_fsdp_preset_trains_the_unet_and_its_ema_like_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_models_with_ema_refuse_deepspeed_and_say_why(preset, capsys):
+def test_models_refuse_strategies_they_cannot_train_under_and_say_why(preset, capsys, tiny_vae_checkpoint):
     from gen_lightning.models import DiffusionModel
     from gen_lightning.models.base import strategy_problem
     from tests.test_clip import tiny_clip
+    from tests.test_latent_diffusion import tiny_ldm
 
     strategy = build_strategy(resolved_trainer(preset, capsys).get("strategy", "auto"))
     diffusion = DiffusionModel(unet={"channels": [8, 16], "attention_levels": [1], "num_heads": 2}, image_size=16)
@@ -160,3 +161,7 @@ def test_models_with_ema_refuse_deepspeed_and_say_why(preset, capsys):
     else:
         assert problem is None
     assert strategy_problem(tiny_clip(), strategy) is None  # CLIP has no EMA: DeepSpeed is fine
+    latent = strategy_problem(tiny_ldm(tiny_vae_checkpoint, latent_scale=1.0), strategy)
+    assert (latent is None) == (preset in ("cpu", "ddp-bf16")), latent
+    if preset == "fsdp":
+        assert "under FSDP is not supported yet" in latent

@@ -206,3 +206,18 @@ def test_sigusr1_saves_no_hpc_checkpoint_of_a_diverged_model(poisoned, toy_shard
         # The restarted job resumes from the SIGUSR1 checkpoint, runs to the end and draws the final grid.
         fit(toy_shards, tmp_path, "--trainer.max_steps=6", *NO_LOGGER, *grid)
         assert [p.name for p in (tmp_path / "samples").iterdir()] == ["step_0000006.png"]
+
+
+def test_sigusr1_at_the_last_step_lets_the_run_finish(toy_shards, tmp_path, monkeypatch):
+    """A requeue would restart a finished run, which Lightning ends at once without its end-of-training hooks: the
+    final grid would never be drawn. At max_steps the notice is ignored and the run ends normally."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    requeued: list[str] = []
+    monkeypatch.setattr("gen_lightning.callbacks.requeue.requeue", requeued.append)
+    notice = ["--trainer.callbacks+=tests.faulty_models.SignalSelf", "--trainer.callbacks.step=4"]
+    grid = ["--trainer.callbacks+=gen_lightning.callbacks.SampleGrid", "--trainer.callbacks.every_n_steps=0",
+            "--trainer.callbacks.num_samples=2", "--trainer.callbacks.steps=2"]  # fmt: skip
+    fit(toy_shards, tmp_path, "--trainer.max_steps=4", *NO_LOGGER, *grid, *notice)
+    assert requeued == [] and not (tmp_path / "hpc_ckpt_1.ckpt").exists()
+    assert [p.name for p in (tmp_path / "samples").iterdir()] == ["step_0000004.png"]

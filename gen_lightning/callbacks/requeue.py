@@ -57,6 +57,8 @@ class SlurmRequeue(L.Callback):
         # Any rank's signal counts (SLURM delivers to every task, but not at the same instant).
         if self.stopped or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
+        if 0 < trainer.max_steps <= trainer.global_step:  # the run ends now anyway: finish it (final grid, evaluation)
+            return
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         # A diverged model must not become the resume point (RunCheckpoint refuses it too). Saving is a collective
         # under sharded strategies, so the ranks agree on the check first.

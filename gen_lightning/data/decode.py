@@ -153,8 +153,11 @@ EXIF_ORIENTATION = 0x0112
 def upright(image: Image.Image) -> Image.Image:
     """The image as it is meant to be seen: phone and camera JPEGs store the sensor's pixels and an EXIF orientation
     that viewers apply (decoding alone does not)."""
-    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
-        return ImageOps.exif_transpose(image)
+    try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            return ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF (struct.error, TypeError, ...): the pixels are still good, used as stored
+        pass
     return image
 
 

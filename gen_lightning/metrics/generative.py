@@ -113,7 +113,7 @@ class GenerativeMetrics(nn.Module):
                 # uses the same ones and the training run's random stream is not consumed by evaluating.
                 try:
                     with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(0)
+                        torch.default_generator.manual_seed(0)  # CPU only (KID's randperm): CUDA's is not forked
                         mean, std = self.kid.compute()
                 finally:
                     self.kid.subset_size = configured  # for the next evaluation, which may have more samples
