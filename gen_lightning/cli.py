@@ -286,12 +286,11 @@ def add_clip_sample_option(parser: argparse.ArgumentParser) -> None:
         if text.lower() == "none":
             return None
         try:
-            value = float(text)
+            if (value := float(text)) > 0:  # NaN is not
+                return value
         except ValueError:
-            value = 0.0
-        if not value > 0:  # also NaN
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number or 'none'")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number or 'none'")
 
     parser.add_argument(
         "--clip-sample",

@@ -165,12 +165,12 @@ class GenerativeEvaluation(PeriodicSampling):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         self._ensure_reference(trainer)
         total = 2 * trainer.world_size if trainer.fast_dev_run else self.num_samples  # smoke test: the path, not N
-        # Exactly `num_samples` over the ranks (FID depends on N), each rank prompted with its own captions.
-        offset, share = self.rank_part(total, trainer.world_size, trainer.global_rank)
+        # Exactly `num_samples` over the ranks: FID depends on N. (Each rank's prompts are its own val captions.)
+        share = self.rank_count(total, trainer.world_size, trainer.global_rank)
         generator = self.generator(trainer, pl_module)
         for start in range(0, share, self.batch_size):
             count = min(self.batch_size, share - start)
-            prompts = cycled(self.prompts, offset + start, count) if self.prompts else None
+            prompts = cycled(self.prompts, start, count) if self.prompts else None
             images = self.draw(trainer, pl_module, count, generator, prompts)
             self.metrics.update(images, real=False)
             if self.clip_score is not None and prompts is not None:

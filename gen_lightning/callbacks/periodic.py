@@ -60,11 +60,11 @@ class PeriodicSampling(L.Callback):
         return -(-(num_samples or self.num_samples) // trainer.world_size)
 
     @staticmethod
-    def rank_part(total: int, world: int, rank: int) -> tuple[int, int]:
-        """(offset, count) of this rank's part of `total` items split in order as evenly as possible: every item
-        exactly once over the ranks (a metric over N samples must see N), and at least one per rank."""
+    def rank_count(total: int, world: int, rank: int) -> int:
+        """This rank's part of `total` items split as evenly as possible: the parts add up to `total` (a metric over
+        N samples must see N, where `share` rounds up), and each rank has at least one."""
         base, extra = divmod(total, world)
-        return rank * base + min(rank, extra), max(1, base + (rank < extra))
+        return max(1, base + (rank < extra))
 
     def draw(
         self,

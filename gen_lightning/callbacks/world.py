@@ -95,7 +95,7 @@ class WorldModelEvaluation(PeriodicSampling):
         evaluator = WorldEvaluator(
             self.metrics,
             self.generative,
-            num_samples=2 if smoke else self.share(trainer),
+            num_samples=2 if smoke else self.rank_count(self.num_samples, trainer.world_size, trainer.global_rank),
             rollouts=1 if smoke else -(-self.rollouts // trainer.world_size),
             rollout_steps=self.rollout_steps,
             batch_size=self.batch_size,

@@ -25,6 +25,8 @@ class GenerativeModule(L.LightningModule):
     text_conditioned = False
     trains_on_captions = False
     _last_ema_step = -1
+    # Whether FSDP can shard this model: each network must be reachable through one attribute path only.
+    fsdp_ready = True
 
     def adamw_with_warmup(self, params: Iterable[torch.nn.Parameter]) -> dict[str, Any]:
         hp = self.hparams
@@ -127,18 +129,20 @@ class GenerativeModule(L.LightningModule):
         }
 
 
-def strategy_problem(model: L.LightningModule, strategy: object) -> str | None:
-    """Why `model` cannot train under `strategy`, or None. DeepSpeed owns every weight of the module it wraps: with
-    bf16 it casts the EMA copy to bf16, where the EMA's per-step change (~1e-3 of the gap) rounds away, and ZeRO-3
-    frees partitioned weights outside forward, so the update changes nothing. Either way the EMA weights, which
-    sampling and evaluation use, would silently stop following training."""
+def strategy_problem(model: GenerativeModule, strategy: object) -> str | None:
+    """Why `model` cannot train under `strategy`, or None.
+
+    FSDP wraps a module where it first finds it: a network registered under two attributes keeps an unwrapped path
+    (`fsdp_ready = False`). DeepSpeed owns every weight of the module it wraps: with bf16 it casts the EMA copy to
+    bf16, where the EMA's per-step change (~1e-3 of the gap) rounds away, and ZeRO-3 frees partitioned weights outside
+    forward, so the update changes nothing. Either way the EMA weights, which sampling and evaluation use, would
+    silently stop following training."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    if isinstance(strategy, FSDPStrategy) and isinstance(getattr(model, "trained", None), torch.nn.ModuleDict):
+    if isinstance(strategy, FSDPStrategy) and not model.fsdp_ready:
         return (
-            f"{type(model).__name__} under FSDP is not supported yet: its UNet and text encoder are registered twice "
-            "(as themselves and in `trained`, which the optimizer and the EMA use), and FSDP wraps only one of the two "
-            "paths. Train it with configs/trainer/ddp-bf16.yaml."
+            f"{type(model).__name__} under FSDP is not supported yet: its networks are registered under two attributes "
+            "each, and FSDP wraps only one of the two paths. Train it with configs/trainer/ddp-bf16.yaml."
         )
     if isinstance(strategy, DeepSpeedStrategy) and any(isinstance(m, EMA) for m in model.modules()):
         return (

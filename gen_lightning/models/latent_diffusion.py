@@ -60,6 +60,7 @@ class LatentDiffusionModel(DiffusionModel):
 
     text_conditioned = True
     trains_on_captions = True
+    fsdp_ready = False  # the UNet and text encoder are also registered in `trained` (the optimizer's and EMA's view)
 
     def __init__(
         self,
