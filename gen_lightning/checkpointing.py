@@ -15,8 +15,10 @@ import os
 import pickle
 import time
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -27,12 +29,21 @@ TEMP_PREFIX = ".tmp-"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
+    write_atomic(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    write_atomic(path, lambda handle: handle.write(data))
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write(handle)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder: a reader (or a
+    restart after a kill at any moment) sees the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         with open(temp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -67,24 +78,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The global_step stored in a checkpoint, or None when the file is not a complete, readable checkpoint.
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What resuming needs to know of a checkpoint, read without loading its tensors."""
+
+    global_step: int
+    epoch: int
+    wandb_id: str | None  # the W&B run it was logged to (RunCheckpoint stores it)
+    finished: dict[str, Any] | None  # set when written at the end of a fit (RunCheckpoint): why it ended, its limits
+
+
+def read_checkpoint_summary(path: Path) -> CheckpointSummary | None:
+    """The summary of a checkpoint file, or of a DeepSpeed checkpoint folder (Lightning hands its own state to
+    DeepSpeed, which stores it beside rank 0's model states); None when it is not a complete, readable checkpoint.
 
     torch.save writes a zip whose central directory comes last, so a truncated file fails here; `mmap=True` keeps
     this cheap (tensors are mapped, not read)."""
+    file = deepspeed_states_file(path) if path.is_dir() else path
+    if file is None:
+        log.warning("skipping checkpoint %s: a folder without DeepSpeed's `latest` tag (not written completely)", path)
+        return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         log.warning("skipping checkpoint %s: not readable (%s)", path, str(error).splitlines()[0][:200])
         return None
     step = state.get("global_step") if isinstance(state, dict) else None
-    return int(step) if isinstance(step, int) else None
+    if not isinstance(step, int):
+        return None
+    run = state.get("gen_lightning_run") or {}
+    return CheckpointSummary(
+        global_step=step,
+        epoch=int(state.get("epoch", 0)),
+        wandb_id=(run.get("logger_ids") or {}).get("wandb"),
+        finished=run.get("finished"),
+    )
+
+
+def deepspeed_states_file(folder: Path) -> Path | None:
+    """Rank 0's model states in a DeepSpeed checkpoint folder, found through the `latest` tag DeepSpeed writes after
+    them; None without the tag."""
+    tag_file = folder / "latest"
+    if not tag_file.is_file():
+        return None
+    return folder / tag_file.read_text().strip() / "mp_rank_00_model_states.pt"
 
 
 def checkpoint_files(checkpoint_dir: Path, run_root: Path | None = None) -> list[Path]:
     """A run's checkpoints, after removing the temp files of interrupted saves: every `*.ckpt` in its checkpoint
-    folder, and Lightning's SLURM `hpc_ckpt_N.ckpt` in its root. Only those in the root: it may be the working
-    directory, where other files (a VAE for latent diffusion) are no resume point of this run."""
+    folder (files, or DeepSpeed's folders), and Lightning's SLURM `hpc_ckpt_N.ckpt` in its root. Only those in the
+    root: it may be the working directory, where other files (a VAE for latent diffusion) are no resume point of this
+    run."""
     found: set[Path] = set()
     for folder, pattern in ((checkpoint_dir, "*.ckpt"), (run_root, "hpc_ckpt_*.ckpt")):
         if folder is not None and folder.is_dir():
@@ -93,18 +137,18 @@ def checkpoint_files(checkpoint_dir: Path, run_root: Path | None = None) -> list
     return sorted(found)
 
 
-def find_resume_checkpoint(checkpoint_dir: Path, run_root: Path | None = None) -> tuple[Path, int] | None:
-    """The complete checkpoint (see `checkpoint_files`) with the highest global_step; ties go to the newest file.
-    None when there is none."""
-    candidates: list[tuple[int, float, Path]] = []
+def find_resume_checkpoint(checkpoint_dir: Path, run_root: Path | None = None) -> tuple[Path, CheckpointSummary] | None:
+    """The complete checkpoint (see `checkpoint_files`) with the highest global_step, and its summary; ties go to the
+    newest. None when there is none."""
+    candidates: list[tuple[int, float, Path, CheckpointSummary]] = []
     for path in checkpoint_files(checkpoint_dir, run_root):
-        step = checkpoint_step(path)
-        if step is not None:
-            candidates.append((step, path.stat().st_mtime, path))
+        if (summary := read_checkpoint_summary(path)) is not None:
+            written = (deepspeed_states_file(path) or path) if path.is_dir() else path
+            candidates.append((summary.global_step, written.stat().st_mtime, path, summary))
     if not candidates:
         return None
-    step, _, path = max(candidates)
-    return path, step
+    *_, path, summary = max(candidates, key=lambda candidate: candidate[:2])
+    return path, summary
 
 
 def set_aside(paths: list[Path], folder: Path) -> Path:
@@ -115,9 +159,3 @@ def set_aside(paths: list[Path], folder: Path) -> Path:
     for path in paths:
         os.replace(path, archive / path.name)
     return archive
-
-
-def stored_run_ids(path: Path) -> dict[str, str]:
-    """Logger run ids saved with a checkpoint by RunCheckpoint (e.g. {"wandb": "abc123"})."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return dict(state.get("gen_lightning_run", {}).get("logger_ids", {}))

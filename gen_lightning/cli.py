@@ -48,6 +48,7 @@ def run_lightning_cli(args: Sequence[str]) -> None:
     from gen_lightning.callbacks import DataThroughput, NonFiniteGuard, RunCheckpoint, SlurmRequeue
     from gen_lightning.data.datamodule import ShardDataModule
     from gen_lightning.models.base import GenerativeModule
+    from gen_lightning.run_folder import RunComplete, leaves_no_trace, prepare_run_folder
     from gen_lightning.slurm import slurm_launch_error
 
     class GenLightningCLI(LightningCLI):
@@ -77,75 +78,29 @@ def run_lightning_cli(args: Sequence[str]) -> None:
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
-            root = config.trainer.default_root_dir or os.getcwd()
-            loggers = config.trainer.logger
-            for logger in loggers if isinstance(loggers, list) else [loggers]:
-                if getattr(logger, "class_path", "").endswith("WandbLogger") and logger.init_args.get("save_dir") in (
-                    None,
-                    "",
-                    ".",
-                ):
-                    logger.init_args.save_dir = root  # the run's W&B files live with its checkpoints
-                    Path(root).mkdir(parents=True, exist_ok=True)
             if problem := slurm_launch_error(os.environ, config.trainer.devices, config.trainer.num_nodes):
                 raise SystemExit(f"gen-lightning: {problem}")
-            if self.subcommand == "fit":
-                resume_from_run_folder(config, Path(root))
+            prepare_run_folder(config, self.subcommand)
+            if leaves_no_trace(config, self.subcommand):  # Lightning itself skips config.yaml for fast_dev_run only
+                self.save_config_callback = None
 
     from gen_lightning.wandb_run import default_wandb_mode, finish_wandb
 
     default_wandb_mode()
-    cli = GenLightningCLI(
-        model_class=GenerativeModule,
-        subclass_mode_model=True,
-        datamodule_class=ShardDataModule,
-        save_config_kwargs={"overwrite": True},
-        # None = read sys.argv (as a console script); a list only when called from Python, or Lightning warns.
-        args=None if list(args) == sys.argv[1:] else list(args),
-        auto_configure_optimizers=False,
-    )
+    try:
+        cli = GenLightningCLI(
+            model_class=GenerativeModule,
+            subclass_mode_model=True,
+            datamodule_class=ShardDataModule,
+            save_config_kwargs={"overwrite": True},
+            # None = read sys.argv (as a console script); a list only when called from Python, or Lightning warns.
+            args=None if list(args) == sys.argv[1:] else list(args),
+            auto_configure_optimizers=False,
+        )
+    except RunComplete as complete:
+        log.info("%s", complete)
+        return
     finish_wandb(cli.trainer)
-
-
-def resume_from_run_folder(config, root: Path) -> None:
-    """Re-running the same fit command continues the run: the newest complete checkpoint (checkpoint folder, or
-    Lightning's SLURM `hpc_ckpt_N.ckpt` in the root) becomes ckpt_path, and W&B resumes the run id stored in it.
-    With --no-resume, earlier checkpoints are set aside (never deleted) and the run starts at step 0.
-
-    Every process of a launch runs this (srun starts them all with the same command). They read the same folder
-    and decide alike; only global rank 0 moves files, or the others' moves of the same files would fail."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    from gen_lightning.checkpointing import checkpoint_files, find_resume_checkpoint, set_aside
-
-    if config.ckpt_path is not None:
-        if Path(config.ckpt_path).is_file():  # an explicit resume point continues its W&B run too
-            continue_wandb_run(config, Path(config.ckpt_path))
-        return
-    checkpoint_dir = Path(config.checkpoint.dirpath or root / "checkpoints")
-    if not config.resume:
-        if rank_zero_only.rank == 0 and (earlier := checkpoint_files(checkpoint_dir, root)):
-            archive = set_aside(earlier, checkpoint_dir)
-            log.warning("--no-resume: starting at step 0; %d earlier checkpoint(s) moved to %s", len(earlier), archive)
-        return
-    found = find_resume_checkpoint(checkpoint_dir, root)
-    if found is None:
-        return
-    path, step = found
-    config.ckpt_path = str(path)
-    log.info("resuming from %s (global_step %d); --no-resume starts fresh", path, step)
-    continue_wandb_run(config, path)
-
-
-def continue_wandb_run(config, checkpoint: Path) -> None:
-    """Log into the W&B run whose id `checkpoint` stores, unless the config names a run id itself."""
-    from gen_lightning.checkpointing import stored_run_ids
-
-    wandb_id = stored_run_ids(checkpoint).get("wandb")
-    loggers = config.trainer.logger
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if wandb_id and getattr(logger, "class_path", "").endswith("WandbLogger") and not logger.init_args.get("id"):
-            logger.init_args.id = wandb_id  # WandbLogger passes resume="allow": the same run continues
 
 
 # --- shards -----------------------------------------------------------------------------------------------------------

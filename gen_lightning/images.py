@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,19 @@ def save_image_atomic(image: Image.Image, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
+    return path
+
+
+def publish_image(trainer: Any, key: str, image: Image.Image, file_name: str) -> Path | None:
+    """Rank 0's image of the current step: written to `<default_root_dir>/<file_name>` and logged as `key` through
+    every logger that takes images. A smoke test (fast_dev_run) has drawn it, and keeps it: no file, no log."""
+    if trainer.fast_dev_run:
+        return None
+    step = trainer.global_step
+    path = save_image_atomic(image, Path(trainer.default_root_dir) / file_name)
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=key, images=[image], step=step, caption=[f"step {step}"])
     return path
 
 

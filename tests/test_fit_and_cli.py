@@ -24,7 +24,8 @@ CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_fast_dev_run_of_every_config(config, toy_shards, toy_world, tmp_path, tiny_vae_checkpoint):
-    """Every experiment config runs one train + val batch on real shards (data pointed at the toy set)."""
+    """Every experiment config runs one train + val batch on real shards (data pointed at the toy set), and leaves its
+    (empty) run folder empty: no checkpoint, W&B run, run file, config or sample grid."""
     # A config whose model needs a trained first stage gets the tiny one (the real one comes from another config);
     # the world model gets world-model shards (the toy desktop).
     train, val = (toy_shards, toy_shards)
@@ -46,6 +47,7 @@ def test_fast_dev_run_of_every_config(config, toy_shards, toy_world, tmp_path, t
             *needs.get(config, []),
         ]
     )
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

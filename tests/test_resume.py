@@ -12,7 +12,8 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from gen_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
-from gen_lightning.cli import main, resume_from_run_folder
+from gen_lightning.cli import main
+from gen_lightning.run_folder import prepare_run_folder
 from tests.conftest import tiny_fit_args
 from tests.wandb_reader import history, run_id
 
@@ -79,8 +80,8 @@ def test_atomic_save_and_resume_choice_skip_truncated_and_temp_files(tmp_path, c
     complete = (folder / "step=7.ckpt").read_bytes()
     (folder / "step=9.ckpt").write_bytes(complete[: len(complete) // 2])  # truncated by a non-atomic writer
     with caplog.at_level(logging.WARNING, logger="gen_lightning"):
-        path, step = find_resume_checkpoint(folder)
-    assert (path.name, step) == ("step=7.ckpt", 7)
+        path, summary = find_resume_checkpoint(folder)
+    assert (path.name, summary.global_step) == ("step=7.ckpt", 7)
     assert any("step=9.ckpt" in r.getMessage() and "not readable" in r.getMessage() for r in caplog.records)
     assert not (folder / ".tmp-last.ckpt.123").exists()
     assert find_resume_checkpoint(tmp_path / "nowhere") is None
@@ -94,17 +95,18 @@ def test_resume_and_no_resume_touch_only_this_runs_checkpoints(tmp_path, monkeyp
         io.save_checkpoint({"global_step": step, "state_dict": {}}, tmp_path / path)
 
     def config(resume: bool) -> SimpleNamespace:
-        return SimpleNamespace(ckpt_path=None, resume=resume, checkpoint=SimpleNamespace(dirpath=None),
-                               trainer=SimpleNamespace(logger=False))  # fmt: skip
+        trainer = SimpleNamespace(logger=False, default_root_dir=str(tmp_path), fast_dev_run=False, max_steps=10,
+                                  max_epochs=None, max_time=None)  # fmt: skip
+        return SimpleNamespace(ckpt_path=None, resume=resume, checkpoint=SimpleNamespace(dirpath=None), trainer=trainer)
 
     resuming = config(True)
-    resume_from_run_folder(resuming, tmp_path)
+    prepare_run_folder(resuming, "fit")
     assert resuming.ckpt_path == str(tmp_path / "hpc_ckpt_1.ckpt")  # not the VAE's step 2000
     monkeypatch.setattr(rank_zero_only, "rank", 1)
-    resume_from_run_folder(config(False), tmp_path)
+    prepare_run_folder(config(False), "fit")
     assert (tmp_path / "hpc_ckpt_1.ckpt").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
     monkeypatch.setattr(rank_zero_only, "rank", 0)
-    resume_from_run_folder(config(False), tmp_path)
+    prepare_run_folder(config(False), "fit")
     (archive,) = (tmp_path / "checkpoints").glob("previous-*")
     assert sorted(p.name for p in archive.iterdir()) == ["hpc_ckpt_1.ckpt", "last.ckpt"]
     assert (tmp_path / "vae.ckpt").is_file()

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -41,11 +41,33 @@ def diverged(trainer: L.Trainer) -> bool:
     return trainer.strategy.reduce_boolean_decision(has_non_finite_weights(trainer.lightning_module), all=False)
 
 
+def finish_reason(trainer: L.Trainer) -> str:
+    """Why a fit that ended without an error ended (stored in its final checkpoint; see run_folder.completed)."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return "max_steps"
+    if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
+        return "max_epochs"
+    if (timer := training_timer(trainer)) is not None and timer.time_remaining() <= 0:
+        return "max_time"
+    return "stopped early"
+
+
+def training_timer(trainer: L.Trainer) -> Timer | None:
+    return next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
+
+
+def timer_duration(timer: Timer | None) -> float | None:
+    """Trainer(max_time=...) in seconds, rounded so that the CLI's reading of the same setting compares equal."""
+    return None if timer is None else round(timer.time_remaining() + timer.time_elapsed(), 3)
+
+
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose default dirpath is `<trainer.default_root_dir>/checkpoints` and that keeps `last.ckpt`."""
+    """ModelCheckpoint whose default dirpath is `<trainer.default_root_dir>/checkpoints`, and whose `last.ckpt` always
+    holds the final state of a fit that ended without an error (max_steps, max_epochs, max_time, early stopping)."""
 
     def __init__(self, *args: Any, save_last: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, save_last=save_last, **kwargs)
+        self._finishing: dict[str, Any] | None = None  # set while the final checkpoint is written
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
@@ -57,6 +79,24 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["gen_lightning_run"] = {"logger_ids": logger_run_ids(trainer)}
+        if self._finishing is not None:
+            checkpoint["gen_lightning_run"]["finished"] = self._finishing
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save the final state as `last`. ModelCheckpoint saves at validation and epoch ends, which a max_steps
+        stop between them never reaches (the demo's last 200 steps were lost), and its own train-end save only runs
+        when nothing was saved before. Written again even at a step already saved: it records that the fit ended,
+        so re-running the command reports the run complete. Skipped for a smoke test (fast_dev_run) and when SLURM
+        is about to requeue (the hpc checkpoint is the resume point; the requeue margin is short)."""
+        from gen_lightning.callbacks.requeue import requeue_pending  # requeue imports this module
+
+        if trainer.fast_dev_run or not self.save_last or self.dirpath is None or requeue_pending(trainer):
+            return
+        self._finishing = {"reason": finish_reason(trainer), "max_time": timer_duration(training_timer(trainer))}
+        try:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        finally:
+            self._finishing = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """SIGTERM (SLURM's time limit, a plain `kill`, a preempting scheduler) ends training through Lightning's

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 
 from gen_lightning.callbacks.periodic import PeriodicSampling
-from gen_lightning.images import make_grid, save_image_atomic
+from gen_lightning.images import make_grid, publish_image
 
 
 class SampleGrid(PeriodicSampling):
@@ -35,8 +35,4 @@ class SampleGrid(PeriodicSampling):
             images = pl_module.all_gather(images).flatten(0, 1)
         if trainer.is_global_zero:
             grid = make_grid(images[:num_samples].float())
-            path = save_image_atomic(grid, Path(trainer.default_root_dir) / "samples" / f"step_{step:07d}.png")
-            self.last_grid_path = path
-            for logger in trainer.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key="samples/grid", images=[grid], step=step, caption=[f"step {step}"])
+            self.last_grid_path = publish_image(trainer, "samples/grid", grid, f"samples/step_{step:07d}.png")

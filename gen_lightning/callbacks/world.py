@@ -13,7 +13,7 @@ from PIL import Image
 
 from gen_lightning.callbacks.evaluation import default_cache_dir, fill_val_reference
 from gen_lightning.callbacks.periodic import PeriodicSampling
-from gen_lightning.images import make_grid, save_image_atomic
+from gen_lightning.images import make_grid, publish_image
 from gen_lightning.metrics.world import WorldMetrics, episodes_from
 
 
@@ -114,12 +114,9 @@ class WorldModelEvaluation(PeriodicSampling):
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics({f"val/{name}": value for name, value in results.items()}, step=step)
-        folder = Path(trainer.default_root_dir) / "world"
         for name, image in images.items():
-            self.last_images[name] = save_image_atomic(image, folder / f"step_{step:07d}_{name}.png")
-            for logger in trainer.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key=f"world/{name}", images=[image], step=step, caption=[f"step {step}"])
+            if path := publish_image(trainer, f"world/{name}", image, f"world/step_{step:07d}_{name}.png"):
+                self.last_images[name] = path
 
 
 class WorldEvaluator:

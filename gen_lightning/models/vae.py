@@ -18,12 +18,11 @@ Validation draws u and z from a fixed generator per batch, so val numbers are co
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from gen_lightning.images import make_grid, psnr, save_image_atomic
+from gen_lightning.images import make_grid, psnr, publish_image
 from gen_lightning.models.base import GenerativeModule
 from gen_lightning.nn.autoencoder import Autoencoder, AutoencoderConfig
 from gen_lightning.nn.ema import EMA
@@ -172,11 +171,7 @@ class VAEModel(GenerativeModule):
         width = rows[0].shape[0]  # a last short row is padded with white so pairs stay aligned
         rows = [torch.cat([r, r.new_ones(width - r.shape[0], *r.shape[1:])]) if r.shape[0] < width else r for r in rows]
         grid = make_grid(torch.cat(rows).float(), nrow=width)
-        step = self.global_step
-        save_image_atomic(grid, Path(self.trainer.default_root_dir) / "reconstructions" / f"step_{step:07d}.png")
-        for logger in self.trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="val/reconstructions", images=[grid], step=step, caption=[f"step {step}"])
+        publish_image(self.trainer, "val/reconstructions", grid, f"reconstructions/step_{self.global_step:07d}.png")
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [
