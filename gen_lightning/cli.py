@@ -50,6 +50,7 @@ def run_lightning_cli(args: Sequence[str]) -> None:
     from gen_lightning.models.base import GenerativeModule
     from gen_lightning.run_folder import RunComplete, leaves_no_trace, prepare_run_folder
     from gen_lightning.slurm import slurm_launch_error
+    from gen_lightning.strategy_config import give_deepspeed_the_batch_size
 
     class GenLightningCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -80,6 +81,7 @@ def run_lightning_cli(args: Sequence[str]) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             if problem := slurm_launch_error(os.environ, config.trainer.devices, config.trainer.num_nodes):
                 raise SystemExit(f"gen-lightning: {problem}")
+            give_deepspeed_the_batch_size(config)
             prepare_run_folder(config, self.subcommand)
             if leaves_no_trace(config, self.subcommand):  # Lightning itself skips config.yaml for fast_dev_run only
                 self.save_config_callback = None

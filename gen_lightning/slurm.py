@@ -72,7 +72,10 @@ def slurm_job_id(env: dict[str, str] | os._Environ = os.environ) -> str | None:
 
 
 def requeue(job_id: str) -> bool:
-    done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    except FileNotFoundError:  # SLURM_JOB_ID set by hand, or a container without Slurm's client tools
+        done = subprocess.CompletedProcess([], returncode=127, stderr="scontrol not found")
     if done.returncode != 0:
         log.warning("scontrol requeue %s failed (%s): resubmit the same command to resume", job_id, done.stderr.strip())
         return False

@@ -202,3 +202,18 @@ def test_zero_shot_skips_missing_and_empty_labels():
     scores = model.validation_scores(features, features, ["a", "b", "c", "d", "e"], labels)
     key = f"zeroshot_{model.hparams.zero_shot_keys[0]}_chance"
     assert scores[key] == pytest.approx(1 / 2)  # two classes, scored on the three labelled samples
+
+
+def test_checkpoints_with_a_zero_dim_temperature_still_load_and_resume():
+    """The temperature is one element since DeepSpeed (which cannot broadcast a 0-dim parameter); weights and AdamW
+    moments written when it was 0-dim load into the new shape."""
+    model = tiny_clip()
+    old = {k: (v.reshape(()) if k == "logit_scale" else v) for k, v in model.state_dict().items()}
+    loaded = tiny_clip(seed=1)
+    loaded.load_state_dict(old)
+    assert loaded.logit_scale.shape == (1,) and torch.equal(loaded.logit_scale, model.logit_scale)
+    checkpoint = {"optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.tensor(0.5),
+                                                      "exp_avg_sq": torch.tensor(0.25)}}}]}  # fmt: skip
+    loaded.on_load_checkpoint(checkpoint)
+    state = checkpoint["optimizer_states"][0]["state"][0]
+    assert state["exp_avg"].shape == (1,) and state["exp_avg_sq"].shape == (1,) and state["step"].ndim == 0

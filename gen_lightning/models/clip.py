@@ -75,7 +75,9 @@ class CLIPModel(GenerativeModule):
         self.text_projection = nn.Linear(text_config.width, embed_dim, bias=False)
         nn.init.normal_(self.visual_projection.weight, std=vision_config.width**-0.5)
         nn.init.normal_(self.text_projection.weight, std=text_config.width**-0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # One element, not a 0-dim tensor: DeepSpeed's engine broadcasts each parameter viewed as bytes, which a 0-dim
+        # tensor cannot be (the first DeepSpeed fit failed there). Older checkpoints' 0-dim scale is reshaped on load.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
         self.loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
         self.truncation = TruncationCounter("CLIP training")
         self._val_outputs: list[dict[str, Any]] = []
@@ -109,8 +111,22 @@ class CLIPModel(GenerativeModule):
         image_features, text_features = self.embed(batch["image"], batch["caption"])
         loss = self.loss_fn(image_features, text_features, self.logit_scale.exp())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
-        self.log("train/logit_scale", self.logit_scale.exp().detach(), batch_size=len(batch["caption"]))
+        self.log("train/logit_scale", self.logit_scale.exp().detach().squeeze(), batch_size=len(batch["caption"]))
         return loss
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = f"{prefix}logit_scale"
+        if key in state_dict and state_dict[key].ndim == 0:  # written before the scale had one element
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # AdamW's moments of the old 0-dim scale (its `step` counters are 0-dim by design and stay so)
+        for optimizer in checkpoint.get("optimizer_states", []):
+            for state in optimizer.get("state", {}).values():
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    if moment in state and state[moment].ndim == 0:
+                        state[moment] = state[moment].reshape(1)
 
     def after_optimizer_step(self, steps_done: int) -> None:
         with torch.no_grad():
