@@ -242,6 +242,7 @@ def sample_main(args: Sequence[str]) -> None:
 
     from gen_lightning.images import make_grid, save_image_atomic
     from gen_lightning.models.loading import load_model
+    from gen_lightning.progress import progress
 
     model = load_model(ns.ckpt).to(ns.device)
     apply_clip_sample(model, ns)
@@ -258,21 +259,23 @@ def sample_main(args: Sequence[str]) -> None:
     kwargs = {} if ns.guidance is None else {"guidance": ns.guidance}
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
     chunks = []
-    for start in range(0, total, ns.batch_size):
-        count = min(ns.batch_size, total - start)
-        if prompts:
-            kwargs["cond"] = prompts[start : start + count]
-        chunks.append(
-            model.sample(
-                count,
-                steps=ns.steps,
-                sampler=ns.sampler,
-                eta=ns.eta,
-                generator=generator,
-                use_ema=not ns.no_ema,
-                **kwargs,
+    with progress(total=total, desc="sampling", unit="images") as bar:
+        for start in range(0, total, ns.batch_size):
+            count = min(ns.batch_size, total - start)
+            if prompts:
+                kwargs["cond"] = prompts[start : start + count]
+            chunks.append(
+                model.sample(
+                    count,
+                    steps=ns.steps,
+                    sampler=ns.sampler,
+                    eta=ns.eta,
+                    generator=generator,
+                    use_ema=not ns.no_ema,
+                    **kwargs,
+                )
             )
-        )
+            bar.update(count)
     path = save_image_atomic(make_grid(torch.cat(chunks), nrow=per_prompt if prompts else None), ns.out)
     rows = f"; rows: {', '.join(repr(p) for p in ns.prompt)}" if ns.prompt else ""
     print(f"wrote {path} ({total} samples{rows})")
@@ -360,6 +363,7 @@ def evaluate_main(args: Sequence[str]) -> None:
     from gen_lightning.metrics.generative import GenerativeMetrics
     from gen_lightning.metrics.inception import FIDInceptionV3
     from gen_lightning.models.loading import load_model
+    from gen_lightning.progress import progress
 
     model = load_model(ns.ckpt).to(ns.device)
     apply_clip_sample(model, ns)
@@ -389,14 +393,16 @@ def evaluate_main(args: Sequence[str]) -> None:
     clip_score = clip_score_for(model, ns.clip, "--clip")
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
     kwargs = {"guidance": ns.guidance} if ns.guidance is not None else {}
-    for start in range(0, ns.num_samples, ns.batch_size):
-        count = min(ns.batch_size, ns.num_samples - start)
-        if prompts:
-            kwargs["cond"] = cycled(prompts, start, count)
-        images = model.sample(count, steps=ns.steps, sampler=ns.sampler, generator=generator, **kwargs)
-        metrics.update(images, real=False)
-        if clip_score is not None:
-            clip_score.update(images, kwargs["cond"])
+    with progress(total=ns.num_samples, desc="generating", unit="images") as bar:
+        for start in range(0, ns.num_samples, ns.batch_size):
+            count = min(ns.batch_size, ns.num_samples - start)
+            if prompts:
+                kwargs["cond"] = cycled(prompts, start, count)
+            images = model.sample(count, steps=ns.steps, sampler=ns.sampler, generator=generator, **kwargs)
+            metrics.update(images, real=False)
+            if clip_score is not None:
+                clip_score.update(images, kwargs["cond"])
+            bar.update(count)
     report = {
         **metrics.compute(),
         **({"clip_score": float(clip_score.compute()), "clip": ns.clip} if clip_score is not None else {}),
