@@ -100,7 +100,7 @@ class TrainStream(IterableDataset):
         skips = SkipCounter(self.source, self.max_skips_in_a_row)  # endless stream: must not spin on bad data
         samples = read_tar_samples(resampled_shards(), skips)
         if self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+            samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
         batches = decode_and_batch(samples, self.transform, self.batch_size, rng, False, skips, self.require_caption)
         for _, batch in zip(range(self._worker_batches()), batches, strict=False):
             yield batch
