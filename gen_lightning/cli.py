@@ -69,7 +69,8 @@ def run_lightning_cli(args: Sequence[str]) -> None:
             parser.set_defaults(
                 {
                     "trainer.logger": {
-                        "class_path": "lightning.pytorch.loggers.WandbLogger",
+                        # Lightning's, minus a deprecated argument wandb warns about (gen_lightning.wandb_run)
+                        "class_path": "gen_lightning.wandb_run.WandbLogger",
                         "init_args": {"project": "gen_lightning"},
                     }
                 }
@@ -92,6 +93,8 @@ def run_lightning_cli(args: Sequence[str]) -> None:
             if self.subcommand == "fit":
                 resume_from_run_folder(config, Path(root))
 
+    from gen_lightning.callbacks.progress import FitProgress
+    from gen_lightning.callbacks.summary import ModelSummaryWithoutZeroFlops
     from gen_lightning.wandb_run import default_wandb_mode, finish_wandb
 
     default_wandb_mode()
@@ -100,6 +103,8 @@ def run_lightning_cli(args: Sequence[str]) -> None:
         subclass_mode_model=True,
         datamodule_class=ShardDataModule,
         save_config_kwargs={"overwrite": True},
+        # What a fit prints: plain progress lines without a terminal; the model summary without a FLOPs column of 0s.
+        trainer_defaults={"callbacks": [FitProgress(), ModelSummaryWithoutZeroFlops()]},
         # None = read sys.argv (as a console script); a list only when called from Python, or Lightning warns.
         args=None if list(args) == sys.argv[1:] else list(args),
         auto_configure_optimizers=False,
@@ -515,8 +520,10 @@ TOOLS = {"shards": shards_main, "sample": sample_main, "evaluate": evaluate_main
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from gen_lightning.console import configure_console
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_console()  # one log format, each line once, inapplicable library warnings silenced
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return

@@ -1,10 +1,11 @@
-"""Progress of the long jobs outside `fit` (sampling, evaluation, shard writing, the FID reference pass): one tqdm,
-configured for where it prints.
+"""Progress of the long jobs besides training steps (sampling, evaluation, shard writing, the FID reference pass,
+also when callbacks run them during fit): one tqdm, configured for where it prints.
 
 On a terminal it is tqdm's bar. Anywhere else (a SLURM log, a pipe, a CI log) a redrawn bar turns into thousands of
 `\\r`-joined fragments, so it prints whole lines instead: one at the start, then one whenever both `interval` seconds
 (default 30, $GEN_LIGHTNING_PROGRESS_INTERVAL) and a tenth of the total have passed since the last, and one at the
-end, each with the count, the percentage, the elapsed time, the ETA and the rate. Only rank 0 prints.
+end, each with the count, the percentage, the elapsed time, the ETA and the rate. Lines too while Lightning's Rich
+progress bar holds the terminal (it prints them above itself). Only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ class LineProgress(tqdm):
         return True
 
 
+def under_live_display(stream: IO[str]) -> bool:
+    """True while a Rich live display (Lightning's RichProgressBar during fit) owns the terminal: it swaps sys.stderr
+    for a proxy that prints whole lines above the display, and a redrawn bar written there comes out as blank lines."""
+    file_proxy = sys.modules.get("rich.file_proxy")  # never imported here: only when something already uses Rich
+    return file_proxy is not None and isinstance(stream, file_proxy.FileProxy)
+
+
 def progress(
     iterable: Iterable[Any] | None = None,
     *,
@@ -89,9 +97,9 @@ def progress(
     disable: bool = False,
 ) -> tqdm:
     """A tqdm over `iterable` (or to `.update(n)` by hand) for a job of `total` `unit`s (None: len(iterable), if it
-    has one). A bar on a terminal, periodic plain lines elsewhere (module docstring). Silent unless `rank` (default:
-    the launcher's, see env_rank) is 0 and `disable` is False. Progress goes to stderr, so a command's stdout stays
-    its result. `leave=False` clears a terminal bar when it closes (a log keeps its last line)."""
+    has one). A bar on a terminal; periodic plain lines elsewhere, or under a live display (module docstring).
+    Silent unless `rank` (default: the launcher's, see env_rank) is 0 and `disable` is False. Progress goes to
+    stderr, so a command's stdout stays its result. `leave=False` clears a terminal bar when it closes."""
     stream = sys.stderr if file is None else file
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
@@ -102,7 +110,7 @@ def progress(
         # never None: to tqdm that means "off when not a terminal"
         "disable": disable or (env_rank() if rank is None else rank) != 0,
     }
-    if getattr(stream, "isatty", lambda: False)():
+    if getattr(stream, "isatty", lambda: False)() and not under_live_display(stream):
         bar_format = BAR_FORMAT if total else None
         return tqdm(iterable, file=stream, bar_format=bar_format, dynamic_ncols=True, leave=leave, **common)
     return LineProgress(
