@@ -71,7 +71,8 @@ def run_lightning_cli(args: Sequence[str]) -> None:
             parser.set_defaults(
                 {
                     "trainer.logger": {
-                        "class_path": "lightning.pytorch.loggers.WandbLogger",
+                        # Lightning's, minus a deprecated argument wandb warns about (gen_lightning.wandb_run)
+                        "class_path": "gen_lightning.wandb_run.WandbLogger",
                         "init_args": {"project": "gen_lightning"},
                     }
                 }
@@ -86,6 +87,8 @@ def run_lightning_cli(args: Sequence[str]) -> None:
             if leaves_no_trace(config, self.subcommand):  # Lightning itself skips config.yaml for fast_dev_run only
                 self.save_config_callback = None
 
+    from gen_lightning.callbacks.progress import FitProgress
+    from gen_lightning.callbacks.summary import ModelSummaryWithoutZeroFlops
     from gen_lightning.wandb_run import default_wandb_mode, finish_wandb
 
     default_wandb_mode()
@@ -95,6 +98,8 @@ def run_lightning_cli(args: Sequence[str]) -> None:
             subclass_mode_model=True,
             datamodule_class=ShardDataModule,
             save_config_kwargs={"overwrite": True},
+            # What a fit prints: plain progress lines without a terminal; a model summary without its column of 0 FLOPs.
+            trainer_defaults={"callbacks": [FitProgress(), ModelSummaryWithoutZeroFlops()]},
             # None = read sys.argv (as a console script); a list only when called from Python, or Lightning warns.
             args=None if list(args) == sys.argv[1:] else list(args),
             auto_configure_optimizers=False,
@@ -199,6 +204,7 @@ def sample_main(args: Sequence[str]) -> None:
 
     from gen_lightning.images import make_grid, save_image_atomic
     from gen_lightning.models.loading import load_model
+    from gen_lightning.progress import progress
 
     model = load_model(ns.ckpt).to(ns.device)
     apply_clip_sample(model, ns)
@@ -215,21 +221,23 @@ def sample_main(args: Sequence[str]) -> None:
     kwargs = {} if ns.guidance is None else {"guidance": ns.guidance}
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
     chunks = []
-    for start in range(0, total, ns.batch_size):
-        count = min(ns.batch_size, total - start)
-        if prompts:
-            kwargs["cond"] = prompts[start : start + count]
-        chunks.append(
-            model.sample(
-                count,
-                steps=ns.steps,
-                sampler=ns.sampler,
-                eta=ns.eta,
-                generator=generator,
-                use_ema=not ns.no_ema,
-                **kwargs,
+    with progress(total=total, desc="sampling", unit="images") as bar:
+        for start in range(0, total, ns.batch_size):
+            count = min(ns.batch_size, total - start)
+            if prompts:
+                kwargs["cond"] = prompts[start : start + count]
+            chunks.append(
+                model.sample(
+                    count,
+                    steps=ns.steps,
+                    sampler=ns.sampler,
+                    eta=ns.eta,
+                    generator=generator,
+                    use_ema=not ns.no_ema,
+                    **kwargs,
+                )
             )
-        )
+            bar.update(count)
     path = save_image_atomic(make_grid(torch.cat(chunks), nrow=per_prompt if prompts else None), ns.out)
     rows = f"; rows: {', '.join(repr(p) for p in ns.prompt)}" if ns.prompt else ""
     print(f"wrote {path} ({total} samples{rows})")
@@ -317,6 +325,7 @@ def evaluate_main(args: Sequence[str]) -> None:
     from gen_lightning.metrics.generative import GenerativeMetrics
     from gen_lightning.metrics.inception import FIDInceptionV3
     from gen_lightning.models.loading import load_model
+    from gen_lightning.progress import progress
 
     model = load_model(ns.ckpt).to(ns.device)
     apply_clip_sample(model, ns)
@@ -346,14 +355,16 @@ def evaluate_main(args: Sequence[str]) -> None:
     clip_score = clip_score_for(model, ns.clip, "--clip")
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
     kwargs = {"guidance": ns.guidance} if ns.guidance is not None else {}
-    for start in range(0, ns.num_samples, ns.batch_size):
-        count = min(ns.batch_size, ns.num_samples - start)
-        if prompts:
-            kwargs["cond"] = cycled(prompts, start, count)
-        images = model.sample(count, steps=ns.steps, sampler=ns.sampler, generator=generator, **kwargs)
-        metrics.update(images, real=False)
-        if clip_score is not None:
-            clip_score.update(images, kwargs["cond"])
+    with progress(total=ns.num_samples, desc="generating", unit="images") as bar:
+        for start in range(0, ns.num_samples, ns.batch_size):
+            count = min(ns.batch_size, ns.num_samples - start)
+            if prompts:
+                kwargs["cond"] = cycled(prompts, start, count)
+            images = model.sample(count, steps=ns.steps, sampler=ns.sampler, generator=generator, **kwargs)
+            metrics.update(images, real=False)
+            if clip_score is not None:
+                clip_score.update(images, kwargs["cond"])
+            bar.update(count)
     report = {
         **metrics.compute(),
         **({"clip_score": float(clip_score.compute()), "clip": ns.clip} if clip_score is not None else {}),
@@ -466,8 +477,10 @@ TOOLS = {"shards": shards_main, "sample": sample_main, "evaluate": evaluate_main
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from gen_lightning.console import configure_console
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_console()  # one log format, each line once, inapplicable library warnings silenced
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return

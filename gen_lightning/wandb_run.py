@@ -7,6 +7,8 @@ import os
 import sys
 from urllib.parse import urlparse
 
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
 
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -26,6 +28,18 @@ def default_wandb_mode() -> None:
         print("gen-lightning: no W&B credentials found, logging offline (WANDB_MODE=offline)", file=sys.stderr)
 
 
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger (the CLI's default logger) without the `anonymous=None` it always passes to wandb.init:
+    wandb 0.31 deprecated that setting and warns "The anonymous setting has no effect" whenever it is passed, None
+    included. Nothing else differs; the arguments are Lightning's."""
+
+    @property
+    def experiment(self):
+        if "anonymous" in self._wandb_init and self._wandb_init["anonymous"] is None:
+            del self._wandb_init["anonymous"]  # read only when the run is created, just below
+        return super().experiment
+
+
 def finish_wandb(trainer) -> None:
     """Close the W&B run when the command ends, so its files are complete when `gen-lightning fit` returns (and when
     it is called in-process, e.g. from a notebook or a test), not only at interpreter exit.
@@ -34,11 +48,10 @@ def finish_wandb(trainer) -> None:
     (a small offline run file can still be the bare header when finish() returns). `wandb.teardown()` waits for the
     service, so it runs once no other run of this process is active."""
     import wandb
-    from lightning.pytorch.loggers import WandbLogger
 
     finished = False
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+        if isinstance(logger, LightningWandbLogger) and trainer.is_global_zero and logger._experiment is not None:
             logger.experiment.finish()
             finished = True
     if finished and wandb.run is None:

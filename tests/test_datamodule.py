@@ -111,13 +111,6 @@ def test_partly_missing_shards_are_named(toy_shards):
         expand_pattern(pattern)
 
 
-def test_too_few_val_shards_for_readers_is_a_clear_error(toy_shards):
-    one_shard = str(toy_shards / "val-000000.tar")
-    data = ShardDataModule(val=one_shard, num_workers=2)
-    with pytest.raises(ShardPatternError, match=r"1 shard\(s\) for 1 rank\(s\) × 2 worker\(s\)"):
-        data.setup("validate")
-
-
 def test_image_modes_are_converted_to_rgb_on_white():
     import random
 

@@ -17,6 +17,7 @@ from gen_lightning.callbacks.periodic import PeriodicSampling
 from gen_lightning.metrics.clip_score import CLIPScore
 from gen_lightning.metrics.generative import GenerativeMetrics
 from gen_lightning.metrics.inception import FIDInceptionV3
+from gen_lightning.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +63,27 @@ def fill_reference(
     rank: int,
     world_size: int = 1,
     max_real: int | None = None,
+    expected: int | None = None,
 ) -> bool:
-    """Real statistics from the cache, or computed from `batches` (this rank's share) and cached. True if cached."""
+    """Real statistics from the cache, or computed from `batches` (this rank's share) and cached. True if cached.
+    `expected`: about how many images this rank will read, for the progress line's ETA (None: unknown)."""
     path = cache_path(key, cache_dir)
     if metrics.load_real(path, key, rank, world_size):
         return True
     seen = 0
-    for batch in batches:
-        images = batch["image"]
-        if max_real is not None:
-            images = images[: max(0, max_real - seen)]
-        if len(images):
-            metrics.update(images.to(metrics.fid.real_features_sum.device), real=True)
-            seen += len(images)
+    total = expected if max_real is None or expected is None else min(expected, max_real)
+    with progress(total=total, desc="FID reference (real images)", unit="images", rank=rank) as bar:
+        for batch in batches:
+            images = batch["image"]
+            if max_real is not None:
+                images = images[: max(0, max_real - seen)]
+            if len(images):
+                metrics.update(images.to(metrics.fid.real_features_sum.device), real=True)
+                seen += len(images)
+                bar.update(len(images))
+            if max_real is not None and seen >= max_real:
+                break  # the rest would be read and dropped
+        bar.total = seen  # `expected` is an estimate under DDP: the last line gives the count read
     metrics.save_real(path, key, write=rank == 0)
     return False
 
@@ -91,7 +100,26 @@ def fill_val_reference(
     all ranks), keyed by its shard set, image size and extractor. True if the statistics came from the cache."""
     key = reference_key(data.val_urls, metrics.extractor, data.image_size, max_real)
     per_rank_cap = None if max_real is None else -(-max_real // world_size)
-    return fill_reference(metrics, data.val_dataloader(), key, cache_dir, rank, world_size, per_rank_cap)
+    known = val_sample_count(data)
+    expected = None if known is None else -(-known // world_size)
+    return fill_reference(metrics, data.val_dataloader(), key, cache_dir, rank, world_size, per_rank_cap, expected)
+
+
+def val_sample_count(data) -> int | None:
+    """The val split's sample count from its manifest when data.val is a shard folder (or its manifest.json);
+    None for a URL pattern, which carries no count."""
+    from gen_lightning.data.shard_writer import read_manifest
+
+    source = getattr(data, "val", None)
+    if not isinstance(source, str | Path):
+        return None
+    path = Path(source)
+    if not (path.is_dir() and (path / "manifest.json").is_file()) and path.name != "manifest.json":
+        return None
+    try:
+        return int(read_manifest(path)["splits"]["val"]["num_samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # only for the progress line: reading the shards will report a real problem
 
 
 class GenerativeEvaluation(PeriodicSampling):
@@ -168,13 +196,16 @@ class GenerativeEvaluation(PeriodicSampling):
         # Exactly `num_samples` over the ranks: FID depends on N. (Each rank's prompts are its own val captions.)
         share = self.rank_count(total, trainer.world_size, trainer.global_rank)
         generator = self.generator(trainer, pl_module)
-        for start in range(0, share, self.batch_size):
-            count = min(self.batch_size, share - start)
-            prompts = cycled(self.prompts, start, count) if self.prompts else None
-            images = self.draw(trainer, pl_module, count, generator, prompts)
-            self.metrics.update(images, real=False)
-            if self.clip_score is not None and prompts is not None:
-                self.clip_score.update(images, prompts)
+        # leave=False: on a terminal the bar goes when done, under Lightning's own progress bar
+        with progress(total=share, desc="FID samples", unit="images", rank=trainer.global_rank, leave=False) as bar:
+            for start in range(0, share, self.batch_size):
+                count = min(self.batch_size, share - start)
+                prompts = cycled(self.prompts, start, count) if self.prompts else None
+                images = self.draw(trainer, pl_module, count, generator, prompts)
+                self.metrics.update(images, real=False)
+                if self.clip_score is not None and prompts is not None:
+                    self.clip_score.update(images, prompts)
+                bar.update(count)
         results = self.metrics.compute()  # states summed over ranks: the same value on every rank
         self.metrics.reset()
         if self.clip_score is not None and self.prompts is not None:

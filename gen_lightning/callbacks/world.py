@@ -15,6 +15,7 @@ from gen_lightning.callbacks.evaluation import default_cache_dir, fill_val_refer
 from gen_lightning.callbacks.periodic import PeriodicSampling
 from gen_lightning.images import make_grid, publish_image
 from gen_lightning.metrics.world import WorldMetrics, episodes_from
+from gen_lightning.progress import progress
 
 
 class WorldModelEvaluation(PeriodicSampling):
@@ -102,6 +103,7 @@ class WorldModelEvaluation(PeriodicSampling):
             strips=self.strips,
             steps=2 if smoke else self.steps,
             sampler=self.sampler,
+            rank=trainer.global_rank,
         )
         results, images = evaluator(pl_module, data.val_dataloader, self.generator(trainer, pl_module))
         self.last_results = results
@@ -122,7 +124,8 @@ class WorldModelEvaluation(PeriodicSampling):
 class WorldEvaluator:
     """One evaluation pass over (this rank's share of) held-out episodes, shared by WorldModelEvaluation and
     `gen-lightning evaluate`: one-step predictions of `num_samples` val samples, then `rollouts` episodes rolled out
-    for `rollout_steps` steps. Returns the metrics (summed over ranks) and the strips (PIL images)."""
+    for `rollout_steps` steps. Returns the metrics (summed over ranks) and the strips (PIL images). Progress is shown
+    on `rank` 0 (None: the launcher's rank)."""
 
     def __init__(
         self,
@@ -135,8 +138,10 @@ class WorldEvaluator:
         strips: int = 8,
         steps: int | None = None,
         sampler: str | None = None,
+        rank: int | None = None,
     ) -> None:
         self.metrics, self.generative = metrics, generative
+        self.rank = rank
         self.num_samples, self.rollouts, self.rollout_steps = num_samples, rollouts, rollout_steps
         self.batch_size, self.strips = batch_size, strips
         self.sampling = {"steps": steps, "sampler": sampler}
@@ -164,18 +169,21 @@ class WorldEvaluator:
         """Rows of the one-step strip: the context frames, the real next frame, the predicted one."""
         rows: list[torch.Tensor] = []
         seen = 0
-        for batch in batches:
-            if seen >= self.num_samples:
-                break
-            n = min(len(batch["image"]), self.num_samples - seen, self.batch_size)
-            frames, real = batch["frames"][:n].to(model.device), batch["image"][:n].to(model.device)
-            predicted = model.predict_next(frames, batch["action"][:n], generator=generator, **self.sampling)
-            self.metrics.update_one_step(predicted, real, frames[:, -1])
-            if self.generative is not None:
-                self.generative.update(predicted, real=False)
-            for i in range(min(n, self.strips - len(rows))):
-                rows.append(torch.cat([frames[i], real[i : i + 1], predicted[i : i + 1]]).cpu())
-            seen += n
+        with progress(total=self.num_samples, desc="one-step predictions", unit="frames", rank=self.rank) as bar:
+            for batch in batches:
+                if seen >= self.num_samples:
+                    break
+                n = min(len(batch["image"]), self.num_samples - seen, self.batch_size)
+                frames, real = batch["frames"][:n].to(model.device), batch["image"][:n].to(model.device)
+                predicted = model.predict_next(frames, batch["action"][:n], generator=generator, **self.sampling)
+                self.metrics.update_one_step(predicted, real, frames[:, -1])
+                if self.generative is not None:
+                    self.generative.update(predicted, real=False)
+                for i in range(min(n, self.strips - len(rows))):
+                    rows.append(torch.cat([frames[i], real[i : i + 1], predicted[i : i + 1]]).cpu())
+                seen += n
+                bar.update(n)
+            bar.total = seen  # a val split smaller than num_samples ends early: the last line says how many
         return rows
 
     def rollout(self, model, batches: Iterable[dict[str, Any]], generator) -> dict[str, torch.Tensor]:
@@ -183,6 +191,9 @@ class WorldEvaluator:
         if not episodes:
             return {}
         frames, actions = episodes["frames"].to(model.device), episodes["actions"].to(model.device)
-        predicted = model.rollout(frames, actions, generator=generator, **self.sampling)
+        # model.rollout runs all episodes' steps in one call: a line as it starts and one when it is done
+        with progress(total=actions.shape[0] * actions.shape[1], desc="rollouts", unit="frames", rank=self.rank) as bar:
+            predicted = model.rollout(frames, actions, generator=generator, **self.sampling)
+            bar.update(bar.total)
         self.metrics.update_rollout(predicted, episodes["real"], episodes["frames"][:, -1])
         return {"real": episodes["real"], "predicted": predicted.cpu()}

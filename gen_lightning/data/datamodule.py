@@ -5,8 +5,13 @@ worker and epoch) and an epoch is an explicit number of samples, so every rank y
 batches. A finite, split stream gives ranks unequal counts whenever shards don't divide evenly, and DDP then hangs
 at the first collective of the rank that still has data.
 
-Validation: the val shards are split by node, then by worker, so each val sample is seen exactly once across all
-ranks. That needs at least ranks × workers shards, which is checked up front.
+Validation: every val sample is read exactly once across ranks × workers ("readers"), on any number of shards. With
+at least as many shards as readers, each reader reads whole shards of its own (shard s goes to reader s mod readers).
+With fewer, the readers take turns on the shards (reader r reads shard r mod shards) and the k readers of one shard
+keep every k-th of its samples by index, decoding only those; each still reads the shard's bytes. Ranks may get
+unequal numbers of val batches: Lightning reduces `self.log(..., sync_dist=True)` values once at the epoch's end, not
+per batch, but a rank with no val batch at all would skip that reduction, so setup refuses a split that leaves a rank
+without samples when the manifest says how many each shard holds.
 """
 
 from __future__ import annotations
@@ -100,14 +105,37 @@ class TrainStream(IterableDataset):
         skips = SkipCounter(self.source, self.max_skips_in_a_row)  # endless stream: must not spin on bad data
         samples = read_tar_samples(resampled_shards(), skips)
         if self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+            samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
         batches = decode_and_batch(samples, self.transform, self.batch_size, rng, False, skips, self.require_caption)
         for _, batch in zip(range(self._worker_batches()), batches, strict=False):
             yield batch
 
 
+def val_reader_parts(num_shards: int, reader: int, readers: int) -> list[tuple[int, int, int]]:
+    """What val reader `reader` of `readers` reads, as (shard index, share, shares): keep the shard's samples whose
+    index is share mod shares. With enough shards: whole shards s with s mod readers == reader. With fewer: one
+    shard (reader mod shards), shared by the readers of the same shard, each keeping every k-th sample (k = that
+    shard's readers). Readers are numbered rank + world × worker, so enough shards are split by rank, then by worker
+    (the plain split), and shared shards spread over ranks."""
+    if num_shards >= readers:
+        return [(shard, 0, 1) for shard in range(reader, num_shards, readers)]
+    shard = reader % num_shards
+    return [(shard, reader // num_shards, len(range(shard, readers, num_shards)))]
+
+
+def val_samples_per_rank(shard_sizes: list[int], world: int, workers: int) -> list[int]:
+    """How many samples each rank's val readers get from shards of these sizes (before any is skipped)."""
+    readers = world * workers
+    counts = [0] * world
+    for reader in range(readers):
+        for shard, share, shares in val_reader_parts(len(shard_sizes), reader, readers):
+            counts[reader % world] += len(range(share, shard_sizes[shard], shares))
+    return counts
+
+
 class ValStream(IterableDataset):
-    """Each val sample exactly once across ranks × workers: shards split by rank, then by worker; last batch partial.
+    """Each val sample exactly once across ranks × workers, on any number of shards (val_reader_parts); last batch
+    partial.
 
     The rank split is done here from the rank the DataModule was given, not by webdataset's split_by_node: that one
     asks torch.distributed or $RANK from inside the worker process, where neither is reliably set.
@@ -124,17 +152,20 @@ class ValStream(IterableDataset):
         source: str = "data.val",
     ) -> None:
         super().__init__()
-        self.urls = urls[rank::world]
+        self.urls = urls
         self.transform = transform
         self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
         self.require_caption = require_caption
         self.source = source
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker_index()
-        shards = ({"url": url} for url in self.urls[worker::num_workers])
+        parts = val_reader_parts(len(self.urls), self.rank + self.world * worker, self.world * num_workers)
+        reads = [{"url": self.urls[shard], "share": share, "shares": shares} for shard, share, shares in parts]
         skips = SkipCounter(self.source)  # finite: ends by itself even if every sample is skipped
-        samples = read_tar_samples(shards, skips)
+        samples = read_tar_samples(reads, skips)
         yield from decode_and_batch(
             samples, self.transform, self.batch_size, random.Random(0), True, skips, self.require_caption
         )
@@ -217,15 +248,24 @@ class ShardDataModule(L.LightningDataModule):
                 self.samples_per_epoch = self._manifest_count(self.train, "train")
         if self.val:
             self.val_urls = expand_pattern(split_urls(self.val, "val"))
-            _, world = self._distributed()
-            readers = world * max(1, self.num_workers)
-            if len(self.val_urls) < readers:
-                raise ShardPatternError(
-                    f"val shards {self.val!r}: {len(self.val_urls)} shard(s) for {world} rank(s) × "
-                    f"{max(1, self.num_workers)} worker(s) = {readers} readers; each reader needs at least one shard "
-                    "so every val sample is seen exactly once. Write smaller shards (--samples-per-shard) or lower "
-                    "data.num_workers."
-                )
+            self._check_every_rank_gets_val_samples()
+
+    def _check_every_rank_gets_val_samples(self) -> None:
+        """A rank without val batches never logs val metrics, so it skips the reduction at the epoch's end that the
+        other ranks wait in: refused here when the manifest says how many samples each shard holds."""
+        if split_urls(self.val, "val") == self.val:
+            return  # a URL pattern: shard sizes are unknown until read
+        from gen_lightning.data.shard_writer import read_manifest
+
+        sizes = [int(shard["num_samples"]) for shard in read_manifest(Path(self.val))["splits"]["val"]["shards"]]
+        _, world = self._distributed()
+        counts = val_samples_per_rank(sizes, world, max(1, self.num_workers))
+        if 0 in counts:
+            raise ShardPatternError(
+                f"val shards {self.val!r}: {sum(sizes)} sample(s) in {len(sizes)} shard(s) leave rank "
+                f"{counts.index(0)} of {world} without val samples (validation would wait for it forever); use more "
+                "val samples or fewer ranks"
+            )
 
     @staticmethod
     def _manifest_count(source: str, split: str) -> int:

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import random
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from gen_lightning.errors import UserInputError
 from gen_lightning.images import pil_to_tensor
@@ -57,11 +58,6 @@ class UnusableDataError(UserInputError):
     """A stream that only skips: the data cannot feed this model. The message names the source and the last reason."""
 
 
-_MEMBER_ERROR = re.compile(r" @ (<.*>)$", re.DOTALL)  # webdataset's suffix: " @ <the shard's file object>"
-_FILE_NAME = re.compile(r"name='([^']*)'")
-_REPEATED_MEMBER = re.compile(r"^(\S+): duplicate file name in tar file")
-
-
 class SkipCounter:
     """Counts what one stream skips (via record_skip) and stops a stream that skips and never yields.
 
@@ -74,8 +70,6 @@ class SkipCounter:
         self.source = source
         self.limit = limit
         self.in_a_row = 0
-        self._url = "?"  # the shard being read (webdataset's errors inside a member name only a file, or a Pipe)
-        self._member_error_stream: str | None = None
 
     def skipped(self, reason: str, where: str) -> None:
         record_skip(reason, where)
@@ -90,61 +84,81 @@ class SkipCounter:
     def used(self) -> None:
         self.in_a_row = 0
 
-    def opening(self, streams: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Passes webdataset's opened shard streams through, remembering which shard is read: the expander reads one
-        stream to its end before it takes the next, so an error until then is that shard's."""
-        for stream in streams:
-            self._url = stream.get("url", "?")
-            yield stream
 
-    def track(self, files: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Passes webdataset's member records through (a member error's repeat report can only come before the next
-        member)."""
-        for record in files:
-            self._member_error_stream = None  # the shard read on after a member error: no repeat report will come
-            yield record
+_END_OF_SHARD: dict[str, Any] = {}  # webdataset's marker between shards: group_by_keys never joins samples across it
 
-    def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler for errors while reading a tar (broken shard, truncated member, repeated member): count
-        once, name the shard, go on.
 
-        webdataset reports a broken member twice when the shard cannot be read on (from the member loop, its text
-        ending in " @ <file object>", then from the shard loop, with (stream, url) appended): only that immediate
-        repeat is dropped. A later report of the same shard (resampled again, next epoch) is a new skip.
-        """
-        if isinstance(exn, UnusableDataError):
-            raise exn  # our own stop, passing through webdataset's handlers (which would otherwise swallow it)
-        args = exn.args
-        message = str(args[0]) if args else type(exn).__name__
-        shard_level = len(args) >= 3 and isinstance(args[-1], str)  # tar_file_expander appended (stream, url)
-        if shard_level and self._member_error_stream is not None and str(args[-2]) == self._member_error_stream:
-            self._member_error_stream = None
-            return True
-        member_level = _MEMBER_ERROR.search(message)
-        self._member_error_stream = member_level.group(1) if member_level else None
-        if member_level:
-            name = _FILE_NAME.search(member_level.group(1))
-            url = name.group(1) if name else self._url
-            message = message[: member_level.start()]
-        else:
-            url = args[-1] if len(args) >= 2 and isinstance(args[-1], str) else self._url
-        repeated = _REPEATED_MEMBER.match(message)
-        if repeated:  # `a.png` twice in a row: webdataset keeps the first and raises for the second
-            reason = f"tar member {repeated.group(1)} repeats the one before it (the first copy is used)"
-        else:
-            reason = f"unreadable tar data ({type(exn).__name__}: {message})"
-        self.skipped(reason, f"data in shard {url}")
+def read_tar_samples(shards: Iterable[dict[str, Any]], skips: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Raw samples (member bytes by extension, "__key__", "__url__") of each shard, through webdataset's public tar
+    functions; what cannot be read is counted in `skips` and named by the shard it came from.
+
+    A shard is {"url": ...}, optionally with "share" and "shares": several readers split one shard, each keeping the
+    samples whose index in the shard is `share` modulo `shares` (a val split with fewer shards than readers). Errors
+    of the shard as a whole are then counted by share 0 alone, so a broken shard is one skip, not one per reader.
+    """
+    return group_by_keys(_without_repeated_members(_shard_members(shards, skips), skips))
+
+
+def _shard_members(shards: Iterable[dict[str, Any]], skips: SkipCounter) -> Iterator[dict[str, Any]]:
+    for shard in shards:
+        yield from _members_of(shard["url"], shard.get("share", 0), shard.get("shares", 1), skips)
+        yield _END_OF_SHARD
+
+
+def _members_of(url: str, share: int, shares: int, skips: SkipCounter) -> Iterator[dict[str, Any]]:
+    """One shard's tar members ({"fname", "data", "__url__"}) of this reader's share; a broken shard is one skip.
+
+    webdataset's tar_file_iterator hands an error inside a member to its handler (the text then carries " @ <file
+    object>") and reads on; a stream cut there fails again at the next header, and that error leaves the iterator.
+    So the shard's error is the one that ends it, or else the first a member raised: counted once, never parsed.
+    """
+    member_errors: list[Exception] = []
+
+    def note(error: Exception) -> bool:
+        member_errors.append(error)
         return True
 
+    failure: Exception | None = None
+    try:
+        for index, member in _numbered_by_sample(tar_file_iterator(gopen(url), handler=note)):
+            if index % shares == share:
+                yield {**member, "__url__": url}
+    except Exception as error:  # unreadable shard (missing, empty, not a tar, cut off): the samples before it stay
+        failure = error
+    failure = failure or (member_errors[0] if member_errors else None)
+    if failure is not None and share == 0:
+        skips.skipped(f"unreadable tar data ({type(failure).__name__}: {failure})", f"data in shard {url}")
 
-def read_tar_samples(shards: Iterable[dict[str, str]], skips: SkipCounter) -> Iterator[dict[str, Any]]:
-    """webdataset's tarfile_to_samples (open, expand, group members by key), with `skips` as the error handler and
-    told which shard each member came from."""
-    from webdataset import tariterators
 
-    streams = tariterators.url_opener(shards, handler=skips.tar_error)
-    files = tariterators.tar_file_expander(skips.opening(streams), handler=skips.tar_error)
-    return tariterators.group_by_keys(skips.track(files), handler=skips.tar_error)
+def _numbered_by_sample(members: Iterable[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index of the sample in its shard, member): a sample is a run of members with one key, as group_by_keys
+    groups them; readers sharing a shard number it alike, since all read the same bytes."""
+    index, key = -1, None
+    for member in members:
+        prefix, _ = base_plus_ext(member["fname"])
+        if prefix is not None and prefix != key:
+            index, key = index + 1, prefix
+        yield index, member
+
+
+def _without_repeated_members(members: Iterable[dict[str, Any]], skips: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Drops a member whose name repeats within its sample (`a.png` twice in a row), keeping the first copy, counted
+    and named: webdataset's group_by_keys would raise on it and lose the rest of the shard."""
+    key, seen = None, set()
+    for member in members:
+        prefix, suffix = base_plus_ext(member["fname"]) if member else (None, None)
+        if not member:  # the end of a shard: the next member starts a sample whatever its key
+            key = None
+        elif prefix is not None:  # (group_by_keys drops members without a key; so does nothing here)
+            suffix = suffix.lower()  # as group_by_keys compares them
+            if prefix != key:
+                key, seen = prefix, set()
+            elif suffix in seen:
+                reason = f"tar member {member['fname']} repeats the one before it (the first copy is used)"
+                skips.skipped(reason, f"data in shard {member['__url__']}")
+                continue
+            seen.add(suffix)
+        yield member
 
 
 EXIF_ORIENTATION = 0x0112

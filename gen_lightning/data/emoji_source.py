@@ -26,6 +26,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont, features
 
 from gen_lightning.data.shard_writer import write_shards
+from gen_lightning.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +212,13 @@ def iter_emoji_samples(
     *,
     only: Collection[str] | None = None,
     groups_path: str | Path | None = None,
+    show_progress: bool = False,
 ) -> Iterator[dict]:
     """Samples {"__key__", "png", "txt", "json"} for the fully-qualified emoji, in code point order.
 
     `limit` stops after that many samples; `only` restricts to the given emoji strings. Emoji the font cannot draw
-    and exact duplicates of an earlier image are skipped and counted into `stats[reason]`.
+    and exact duplicates of an earlier image are skipped and counted into `stats[reason]`. `show_progress`: progress
+    on stderr (gen_lightning.progress) in emoji tried, or with a limit in samples kept: either way a known total.
     """
     candidates = fully_qualified_emoji()
     if only is not None:
@@ -230,37 +233,58 @@ def iter_emoji_samples(
     renderer = EmojiRenderer(font_path)
     seen: set[bytes] = set()
     emitted = 0
-    for text, data in candidates:
-        if limit is not None and emitted >= limit:
-            return
-        try:
-            image = renderer.render(text)
-        except EmojiSkipped as skip:
-            log.debug("skipping %s %s: %s", text, data["en"], skip.reason)
-            _count(stats, skip.reason)
-            continue
-        digest = _digest(image)
-        if digest in seen:
-            _count(stats, "duplicate_image")
-            continue
-        seen.add(digest)
-        buffer = io.BytesIO()
-        image.resize((size, size), Image.Resampling.LANCZOS).save(buffer, format="PNG")
-        group, subgroup = groups.get(text, (None, None))
-        yield {
-            "__key__": emoji_key(text),
-            "png": buffer.getvalue(),
-            "txt": readable_name(data["en"]),
-            "json": {
-                "emoji": text,
-                "codepoints": [f"U+{ord(c):04X}" for c in text],
-                "name": data["en"],
-                "group": group,
-                "subgroup": subgroup,
-                "emoji_version": data.get("E"),
-            },
-        }
-        emitted += 1
+    total = len(candidates) if limit is None else min(limit, len(candidates))
+    with progress(total=total, desc="rendering", unit="emoji", disable=not show_progress) as bar:
+        for text, data in candidates:
+            if limit is not None and emitted >= limit:
+                return
+            if limit is None:
+                bar.update()  # each emoji tried
+            sample = _emoji_sample(renderer, text, data, size, groups, seen, stats)
+            if sample is not None:
+                if limit is not None:
+                    bar.update()  # with a limit, each emoji kept
+                yield sample
+                emitted += 1
+
+
+def _emoji_sample(
+    renderer: EmojiRenderer,
+    text: str,
+    data: dict[str, Any],
+    size: int,
+    groups: dict[str, tuple[str, str]],
+    seen: set[bytes],
+    stats: dict | None,
+) -> dict | None:
+    """One emoji's sample, or None (counted in `stats`) if the font cannot draw it or it repeats an earlier image."""
+    try:
+        image = renderer.render(text)
+    except EmojiSkipped as skip:
+        log.debug("skipping %s %s: %s", text, data["en"], skip.reason)
+        _count(stats, skip.reason)
+        return None
+    digest = _digest(image)
+    if digest in seen:
+        _count(stats, "duplicate_image")
+        return None
+    seen.add(digest)
+    buffer = io.BytesIO()
+    image.resize((size, size), Image.Resampling.LANCZOS).save(buffer, format="PNG")
+    group, subgroup = groups.get(text, (None, None))
+    return {
+        "__key__": emoji_key(text),
+        "png": buffer.getvalue(),
+        "txt": readable_name(data["en"]),
+        "json": {
+            "emoji": text,
+            "codepoints": [f"U+{ord(c):04X}" for c in text],
+            "name": data["en"],
+            "group": group,
+            "subgroup": subgroup,
+            "emoji_version": data.get("E"),
+        },
+    }
 
 
 def write_emoji_shards(
@@ -284,7 +308,7 @@ def write_emoji_shards(
         "size": size,
         "limit": limit,
     }
-    samples = iter_emoji_samples(font, size=size, limit=limit, stats=stats)
+    samples = iter_emoji_samples(font, size=size, limit=limit, stats=stats, show_progress=True)
     return write_shards(
         samples, out_dir, samples_per_shard=samples_per_shard, val_fraction=val_fraction, source=source, skipped=stats
     )

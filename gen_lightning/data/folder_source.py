@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 from gen_lightning.data.decode import to_rgb, upright
 from gen_lightning.data.shard_writer import write_shards
+from gen_lightning.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +85,20 @@ def _count(stats: dict | None, reason: str) -> None:
         stats[reason] = stats.get(reason, 0) + 1
 
 
-def iter_folder_samples(src: str | Path, size: int | None = None, stats: dict | None = None) -> Iterator[dict]:
+def iter_folder_samples(
+    src: str | Path, size: int | None = None, stats: dict | None = None, show_progress: bool = False
+) -> Iterator[dict]:
     """Samples {"__key__", <png|jpg|webp>, "txt"} for every image under `src`, in sorted relative-path order.
 
     size None keeps PNG/JPEG/WebP bytes as they are (other formats become PNG); with a size, each image is made RGB
     (transparency on white), its shorter side resized to `size` and center-cropped to size×size, stored as PNG.
+    `show_progress`: progress on stderr (gen_lightning.progress) in image files read.
     """
     root = Path(src)
     if not root.is_dir():
         raise NotADirectoryError(f"image folder {root} does not exist or is not a folder")
     used: set[str] = set()
-    for path in _image_files(root):
+    for path in progress(_image_files(root), desc="images", unit="files", disable=not show_progress):
         relative = path.relative_to(root).as_posix()
         caption = _caption(path)
         if caption is None:
@@ -125,7 +129,7 @@ def write_folder_shards(
     stats: dict[str, int] = {}
     source = {"type": "folder", "path": str(Path(src).resolve()), "size": size}
     return write_shards(
-        iter_folder_samples(src, size=size, stats=stats),
+        iter_folder_samples(src, size=size, stats=stats, show_progress=True),
         out_dir,
         samples_per_shard=samples_per_shard,
         val_fraction=val_fraction,

@@ -25,6 +25,7 @@ import torch
 from gen_lightning.data.decode import ImageTransform, decode_sample
 from gen_lightning.data.shard_writer import SPLITS, read_manifest, shard_pattern, write_shards
 from gen_lightning.data.urls import expand_pattern
+from gen_lightning.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,10 @@ def write_latent_shards(
     splits = [split for split in SPLITS if manifest["splits"].get(split, {}).get("shards")]
     urls = [url for split in splits for url in expand_pattern(shard_pattern(source, split))]
     stats: dict[str, int] = {}
+    total = sum(int(manifest["splits"][split]["num_samples"]) for split in splits)  # undecodable ones fall short
+    samples = iter_latent_samples(urls, vae, image_size, batch_size, stats)
     return write_shards(
-        iter_latent_samples(urls, vae, image_size, batch_size, stats),
+        progress(samples, total=total, desc="encoding", unit="samples"),
         out_dir,
         samples_per_shard=samples_per_shard,
         val_fraction=manifest["val_fraction"],

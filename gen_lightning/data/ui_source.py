@@ -43,6 +43,7 @@ from gen_lightning.data.shard_writer import write_shards
 from gen_lightning.data.ui_actions import KEYS, check_action, draw_cursor
 from gen_lightning.data.ui_policy import ReplayPolicy, ScriptedPolicy, Step, action_of
 from gen_lightning.errors import UserInputError
+from gen_lightning.progress import progress
 
 SETUP_HINT = "`make setup` installs it"
 
@@ -355,7 +356,7 @@ def write_ui_shards(
         samples = iter_ui_samples(display, range(episodes), steps, context, size, seed)
         stack.callback(samples.close)  # stops the app before the display goes, even when writing fails
         return write_shards(
-            samples,
+            progress(samples, total=episodes * steps, desc="recording", unit="samples"),
             out_dir,
             samples_per_shard=samples_per_shard,
             val_fraction=val_fraction,
