@@ -102,6 +102,7 @@ test: setup lint
 lint: setup
 	$(VENV)/bin/ruff check gen_lightning tests bench
 	$(VENV)/bin/ruff format --check gen_lightning tests bench
+	$(VENV)/bin/lint-imports --no-cache  # the house's layers (pyproject.toml [tool.importlinter])
 
 clean:
 	rm -rf $(VENV) runs data

@@ -4,18 +4,18 @@ never with non-finite weights, and carrying the logger run ids so a resumed run 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gen_lightning.callbacks.nonfinite import diverged, has_non_finite_weights
+from gen_lightning.callbacks.requeue import requeue_pending
 from gen_lightning.checkpointing import AtomicCheckpointIO
 
 log = logging.getLogger("gen_lightning")
@@ -26,19 +26,6 @@ def logger_run_ids(trainer: L.Trainer) -> dict[str, str]:
 
     ids = [str(lg.version) for lg in trainer.loggers if isinstance(lg, WandbLogger) and lg.version]
     return {"wandb": ids[0]} if ids else {}
-
-
-def has_non_finite_weights(module: torch.nn.Module) -> bool:
-    """NaN/Inf in this process's parameters or buffers: under FSDP its shards, read without a collective (a state_dict
-    would gather, and hang when one rank asks alone)."""
-    tensors = itertools.chain(module.parameters(), module.buffers())
-    return any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors)
-
-
-def diverged(trainer: L.Trainer) -> bool:
-    """Whether any rank's weights hold NaN/Inf; the same answer on every rank (call on all of them). Sharded ranks
-    each see only their part, and a save is a collective that all of them must enter or skip together."""
-    return trainer.strategy.reduce_boolean_decision(has_non_finite_weights(trainer.lightning_module), all=False)
 
 
 def finish_reason(trainer: L.Trainer) -> str:
@@ -88,8 +75,6 @@ class RunCheckpoint(ModelCheckpoint):
         when nothing was saved before. Written again even at a step already saved: it records that the fit ended,
         so re-running the command reports the run complete. Skipped for a smoke test (fast_dev_run) and when SLURM
         is about to requeue (the hpc checkpoint is the resume point; the requeue margin is short)."""
-        from gen_lightning.callbacks.requeue import requeue_pending  # requeue imports this module
-
         if trainer.fast_dev_run or not self.save_last or self.dirpath is None or requeue_pending(trainer):
             return
         self._finishing = {"reason": finish_reason(trainer), "max_time": timer_duration(training_timer(trainer))}

@@ -7,6 +7,7 @@ fp16 mixed precision the GradScaler already skips overflowing steps (that is its
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Literal
 
@@ -86,3 +87,17 @@ class NonFiniteGuard(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
         self.in_a_row = int(state_dict.get("in_a_row", 0))
+
+
+# Used by the checkpoint callbacks: a model with NaN/Inf weights is never saved (it would become the resume point).
+def has_non_finite_weights(module: torch.nn.Module) -> bool:
+    """NaN/Inf in this process's parameters or buffers: under FSDP its shards, read without a collective (a state_dict
+    would gather, and hang when one rank asks alone)."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors)
+
+
+def diverged(trainer: L.Trainer) -> bool:
+    """Whether any rank's weights hold NaN/Inf; the same answer on every rank (call on all of them). Sharded ranks
+    each see only their part, and a save is a collective that all of them must enter or skip together."""
+    return trainer.strategy.reduce_boolean_decision(has_non_finite_weights(trainer.lightning_module), all=False)

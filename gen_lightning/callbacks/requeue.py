@@ -22,7 +22,7 @@ from typing import Any
 
 import lightning as L
 
-from gen_lightning.callbacks.checkpoint import diverged
+from gen_lightning.callbacks.nonfinite import diverged
 from gen_lightning.slurm import requeue, slurm_job_id
 from gen_lightning.wandb_run import finish_wandb
 
