@@ -8,7 +8,7 @@ Endpoints:
     GET  /           the page
     GET  /frame.png  the current frame (never cached)
     GET  /state      {"step", "image_size", "scale", "sample_steps", "context_frames", "history"}
-    POST /action     an action dict (data.ui_actions) -> one model step -> {"step", "action", "seconds", "frame"}
+    POST /action     an action dict (gen_lightning.actions) -> one model step -> {"step", "action", "seconds", "frame"}
     POST /reset      back to the stored start screen -> the same reply, step 0
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from gen_lightning.data.ui_actions import check_action
+from gen_lightning.actions import check_action
 from gen_lightning.errors import UserInputError
 from gen_lightning.images import to_uint8
 from gen_lightning.interrupts import sigterm_as_interrupt

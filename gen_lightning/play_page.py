@@ -1,5 +1,5 @@
 """The page `gen-lightning play` serves: the generated screen, scaled up, that turns mouse and keyboard input into
-actions (data.ui_actions) POSTed to the server one at a time.
+actions (gen_lightning.actions) POSTed to the server one at a time.
 
 Self-contained (no external assets): it must work on a cluster node without internet, through `ssh -L`.
 A model step takes from milliseconds to a second, far longer than between two mouse moves, so while a request is in

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from gen_lightning.actions import KEYS
 from gen_lightning.data import ui_app
-from gen_lightning.data.ui_actions import KEYS
 from gen_lightning.data.ui_policy import WORDS, ScriptedPolicy
 
 FOCUSED = {

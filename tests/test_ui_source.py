@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gen_lightning.actions import CURSOR_PIXELS, CURSOR_RGB, KEYS, check_action, cursor_pixel
 from gen_lightning.data import ui_app, ui_source
 from gen_lightning.data.shard_writer import read_manifest, shard_pattern, split_of
-from gen_lightning.data.ui_actions import CURSOR_PIXELS, CURSOR_RGB, KEYS, check_action, cursor_pixel
 from gen_lightning.data.ui_policy import ReplayPolicy, Step
 from gen_lightning.data.ui_source import UiRecorder, iter_ui_samples, virtual_display, write_ui_shards
 from gen_lightning.errors import UserInputError
@@ -176,7 +176,7 @@ def test_clicks_visibly_change_their_widget_and_moves_only_the_cursor(recorder):
     start = recorder.reset(70, 5)
     moved = recorder.do(Step("move", 110, 20))  # within the panel, which has no hover look
     assert not _changed(start, moved).any()  # the capture holds no cursor: a plain move changes nothing in it
-    from gen_lightning.data.ui_actions import draw_cursor
+    from gen_lightning.actions import draw_cursor
 
     drawn = _changed(draw_cursor(start, 70.5 / 128, 5.5 / 128), draw_cursor(moved, 110.5 / 128, 20.5 / 128))
     assert {(int(x), int(y)) for y, x in np.argwhere(drawn)} == {

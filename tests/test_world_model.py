@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from gen_lightning.actions import ACTION_DIM, KEYS, cursor_pixel, draw_cursor, encode_action
 from gen_lightning.cli import main
 from gen_lightning.data.datamodule import ShardDataModule
 from gen_lightning.data.decode import ImageTransform, SkipCounter, decode_and_batch, read_tar_samples
 from gen_lightning.data.shard_writer import write_shards
-from gen_lightning.data.ui_actions import ACTION_DIM, KEYS, cursor_pixel, draw_cursor, encode_action
 from gen_lightning.errors import UserInputError
 from gen_lightning.metrics.world import MeanVector, WorldMetrics, cursor_hits, cursor_positions, episodes_from, psnr
 from gen_lightning.models.loading import load_model

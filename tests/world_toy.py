@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from gen_lightning.data.ui_actions import draw_cursor
+from gen_lightning.actions import draw_cursor
 
 BUTTON = (0.1, 0.1, 0.6, 0.4)  # left, top, right, bottom as fractions of the frame
 COLORS = ((170, 170, 170), (30, 90, 220))  # off, on

@@ -249,8 +249,8 @@ def _frames_and_action(
     raw: dict[str, Any], transform: ImageTransform, rng: random.Random, frame_shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """context.png (K frames side by side) -> [K, 3, H, W] through the same transform as the next frame, and
-    action.json -> the encoded action vector (data.ui_actions)."""
-    from gen_lightning.data.ui_actions import encode_action
+    action.json -> the encoded action vector (gen_lightning.actions)."""
+    from gen_lightning.actions import encode_action
 
     missing = [k for k in (CONTEXT_KEY, ACTION_KEY) if k not in raw]
     if missing:

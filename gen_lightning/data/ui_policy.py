@@ -1,6 +1,6 @@
 """The UI recorder's users: ScriptedPolicy, a seeded random-but-plausible user, and ReplayPolicy, a fixed script (for
 demonstrations). Both plan from what the app reports (UiApp.state(): menu open, entry focused, widget boxes) and return
-Steps in screen pixels; `action_of` turns a Step into the stored action (data.ui_actions).
+Steps in screen pixels; `action_of` turns a Step into the stored action (gen_lightning.actions).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gen_lightning.actions import KEYS
 from gen_lightning.data import ui_app
-from gen_lightning.data.ui_actions import KEYS
 
 
 @dataclass(frozen=True)

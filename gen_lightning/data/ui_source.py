@@ -2,11 +2,11 @@
 random-but-plausible user through real X input, its screen captured after every action.
 
 One sample per step t = 0..T-1 of an episode (frame 0 is the screen before any action, frame t+1 the one after
-action t; every frame carries the cursor sprite at its own step's pointer position, see data.ui_actions):
+action t; every frame carries the cursor sprite at its own step's pointer position, see gen_lightning.actions):
     __key__      "e{episode:05d}-t{t:04d}"
     png          frame t+1, size × size RGB
     context.png  frames t-K+1..t tiled left to right, (K·size) × size (frames before 0 repeat frame 0)
-    action.json  action t: {"x", "y", "button", "click", "key"} (data.ui_actions.check_action)
+    action.json  action t: {"x", "y", "button", "click", "key"} (gen_lightning.actions.check_action)
     json         {"episode", "t", "kind", "target", "context_frames"}; kind is move, click, key, drag_press,
                  drag_move or drag_release, target the widget aimed at ("toggle", "menu:red", ...) or null
 Train/val are split by episode, and an episode's samples are written in step order (val rollouts replay them).
@@ -38,9 +38,9 @@ from typing import Any
 
 from PIL import Image, ImageGrab, features
 
+from gen_lightning.actions import KEYS, check_action, draw_cursor
 from gen_lightning.data import ui_app
 from gen_lightning.data.shard_writer import write_shards
-from gen_lightning.data.ui_actions import KEYS, check_action, draw_cursor
 from gen_lightning.data.ui_policy import ReplayPolicy, ScriptedPolicy, Step, action_of
 from gen_lightning.errors import UserInputError
 from gen_lightning.progress import progress

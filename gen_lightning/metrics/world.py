@@ -7,7 +7,7 @@ screen does not change" on the same frames: most of a desktop is static from one
 is only useful where it beats that baseline. Rollouts have theirs too: `rollout_psnr_copy_first` keeps the screen
 the rollout started from.
 
-Cursor accuracy: the recorder draws the cursor as a magenta sprite (data.ui_actions). A frame's cursor position is the
+Cursor accuracy: the recorder draws the cursor as a magenta sprite (actions). A frame's cursor position is the
 centroid of its magenta pixels; a prediction hits when its cursor is within `tolerance` pixels of the real next frame's.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from gen_lightning.data.ui_actions import CURSOR_RGB
+from gen_lightning.actions import CURSOR_RGB
 from gen_lightning.images import psnr
 
 

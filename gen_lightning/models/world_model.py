@@ -6,7 +6,7 @@ Conditioning, all through the shared UNet:
 - the cursor position is one more input channel: a Gaussian bump at the action's (x, y), so "where" is spatial;
   `click_maps` adds two: the same bump where the left button is held and where it was clicked, making "a click
   here" a local signal next to the widget under it (measured: no better after 20 CPU-minutes, bench/RESULTS.md);
-- the whole action (data.ui_actions' encoding: x, y, button, click, key) also goes through the UNet's `cond`
+- the whole action (gen_lightning.actions' encoding: x, y, button, click, key) also goes through the UNet's `cond`
   embedding, added to the time embedding, together with the context-noise level below.
 
 Noise augmentation of the context (GameNGen's trick): in training the context frames are corrupted with Gaussian noise
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from gen_lightning.data.ui_actions import ACTION_DIM, encode_action
+from gen_lightning.actions import ACTION_DIM, encode_action
 from gen_lightning.errors import UserInputError
 from gen_lightning.models.diffusion import DiffusionModel
 from gen_lightning.nn.unet import UNetConfig
@@ -55,7 +55,7 @@ CHANGE_THRESHOLD = 0.08
 
 
 def cursor_map(action: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
-    """[N, 1, H, W] Gaussian bumps (peak 1) centred on each action's cursor tip pixel (data.ui_actions.cursor_pixel)."""
+    """[N, 1, H, W] Gaussian bumps (peak 1) centred on each action's cursor tip pixel (actions.cursor_pixel)."""
     tip_x = (action[:, 0] * width).floor().clamp(max=width - 1)
     tip_y = (action[:, 1] * height).floor().clamp(max=height - 1)
     xs = torch.arange(width, device=action.device, dtype=action.dtype)
@@ -222,7 +222,7 @@ class WorldModel(DiffusionModel):
         use_ema: bool = True,
     ) -> torch.Tensor:
         """Next frames [N, 3, H, W] in [-1, 1] for context frames [N, K, 3, H, W] and actions (encoded [N, A], or
-        a list of action dicts, see data.ui_actions)."""
+        a list of action dicts, see gen_lightning.actions)."""
         if not isinstance(action, torch.Tensor):
             action = torch.stack([encode_action(a) for a in action])
         frames, action = self.check_batch({"frames": frames.to(self.device), "action": action.to(self.device)})
