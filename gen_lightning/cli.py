@@ -158,8 +158,15 @@ def _write_shards(ns: argparse.Namespace) -> dict:
     """Run the writer of `gen-lightning shards <source>`; its manifest."""
     if ns.source == "encode":
         from gen_lightning.data.latent_source import write_latent_shards
+        from gen_lightning.models.loading import load_model
+        from gen_lightning.models.vae import VAEModel
 
-        manifest = write_latent_shards(ns.data, ns.vae, ns.out, ns.batch_size, ns.samples_per_shard, ns.device)
+        vae = load_model(ns.vae, expected=VAEModel).to(ns.device)
+        manifest = write_latent_shards(
+            ns.data, ns.out, encode=vae.encode, fingerprint=vae.fingerprint(), image_size=int(vae.hparams.image_size),
+            batch_size=ns.batch_size, samples_per_shard=ns.samples_per_shard,
+            provenance={"vae_checkpoint": str(Path(ns.vae).resolve())},
+        )  # fmt: skip
     elif ns.source == "ui":
         from gen_lightning.data.ui_source import write_ui_shards
 

@@ -53,6 +53,10 @@ def test_legacy_vae_encodes_decodes_and_samples_as_before(expected):
     close(model.encode(images), expected["vae/encode"])
     close(model.decode(model.encode(images)), expected["vae/decode"])
     close(model.sample(2, generator=seeded()), expected["vae/sample"])
+    # The identity stamped on the latents it encoded: an LDM on this VAE must still accept them.
+    assert model.fingerprint() == expected["vae/fingerprint"]
+    stored = json.loads((LEGACY / "latents" / "manifest.json").read_text())["source"]["vae_sha256"]
+    assert stored == expected["vae/fingerprint"]
 
 
 @torch.no_grad()

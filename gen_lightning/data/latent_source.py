@@ -11,11 +11,10 @@ Image augmentation (random crop/flip) cannot apply to stored latents.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,8 @@ from gen_lightning.progress import progress
 
 log = logging.getLogger(__name__)
 
-
-def vae_fingerprint(vae: torch.nn.Module) -> str:
-    """sha256 of the VAE's weights (names, dtypes, shapes and values): which VAE made a latent."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+# images [N, 3, H, W] in [-1, 1] -> latents [N, C, h, w]: the first stage's encoder, passed in so data knows no model
+LatentEncoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -52,17 +45,15 @@ def _raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
 
 
 def iter_latent_samples(
-    urls: list[str], vae, image_size: int, batch_size: int, stats: dict[str, int]
+    urls: list[str], encode: LatentEncoder, fingerprint: str, image_size: int, batch_size: int, stats: dict[str, int]
 ) -> Iterator[dict[str, Any]]:
     """The source samples with `latent.npy` added, encoded `batch_size` at a time; undecodable ones counted."""
-    fingerprint = vae_fingerprint(vae)
     transform = ImageTransform(image_size)
     pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
     def flush() -> Iterator[dict[str, Any]]:
-        images = torch.stack([decoded["image"] for _, decoded in pending]).to(vae.device)
-        latents = vae.encode(images).cpu().numpy().astype(np.float32)
-        for (raw, decoded), latent in zip(pending, latents, strict=True):
+        latents = encode(torch.stack([decoded["image"] for _, decoded in pending]))
+        for (raw, decoded), latent in zip(pending, latents.cpu().numpy().astype(np.float32), strict=True):
             sample = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
             meta = dict(decoded["meta"])
             meta["latent"] = {"vae_sha256": fingerprint, "image_size": image_size, "shape": list(latent.shape)}
@@ -87,24 +78,24 @@ def iter_latent_samples(
 
 def write_latent_shards(
     source: str | Path,
-    vae_checkpoint: str | Path,
     out_dir: str | Path,
+    *,
+    encode: LatentEncoder,
+    fingerprint: str,
+    image_size: int,
     batch_size: int = 64,
     samples_per_shard: int = 64,
-    device: str = "cpu",
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Encode both splits of the shard folder `source` with the VAE checkpoint into `out_dir`; returns the manifest."""
-    from gen_lightning.models.loading import load_model
-    from gen_lightning.models.vae import VAEModel
-
-    vae = load_model(vae_checkpoint, expected=VAEModel).to(device)
+    """Encode both splits of the shard folder `source` into `out_dir` with `encode` (the first stage's images ->
+    latents, on whatever device it runs), stamping each sample with `fingerprint` (the VAE's weights); returns the
+    manifest. `provenance` is added to the manifest's source record (e.g. the VAE checkpoint's path)."""
     manifest = read_manifest(source)
-    image_size = int(vae.hparams.image_size)
     splits = [split for split in SPLITS if manifest["splits"].get(split, {}).get("shards")]
     urls = [url for split in splits for url in expand_pattern(shard_pattern(source, split))]
     stats: dict[str, int] = {}
     total = sum(int(manifest["splits"][split]["num_samples"]) for split in splits)  # undecodable ones fall short
-    samples = iter_latent_samples(urls, vae, image_size, batch_size, stats)
+    samples = iter_latent_samples(urls, encode, fingerprint, image_size, batch_size, stats)
     return write_shards(
         progress(samples, total=total, desc="encoding", unit="samples"),
         out_dir,
@@ -113,8 +104,8 @@ def write_latent_shards(
         source={
             "type": "latents",
             "from": str(Path(source).resolve()),
-            "vae_checkpoint": str(Path(vae_checkpoint).resolve()),
-            "vae_sha256": vae_fingerprint(vae),
+            **(provenance or {}),
+            "vae_sha256": fingerprint,
             "image_size": image_size,
         },
         skipped=stats,

@@ -159,9 +159,7 @@ class LatentDiffusionModel(DiffusionModel):
     def stored_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """Latents of pre-encoded shards (data.latent_source), after checking they come from this model's VAE."""
         if self._vae_sha256 is None:
-            from gen_lightning.data.latent_source import vae_fingerprint
-
-            self._vae_sha256 = vae_fingerprint(self.vae)
+            self._vae_sha256 = self.vae.fingerprint()
         for key, meta in zip(batch["__key__"], batch["meta"], strict=True):
             made_by = (meta.get("latent") or {}).get("vae_sha256")
             if made_by != self._vae_sha256:

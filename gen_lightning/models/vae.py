@@ -17,7 +17,9 @@ Validation draws u and z from a fixed generator per batch, so val numbers are co
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,6 +42,16 @@ def gaussian_nll(target: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor)
 def bits_per_dim(nll_nats: torch.Tensor, dims: int) -> torch.Tensor:
     """Per-image continuous NLL bound (nats, [-1, 1] data) -> discretised 8-bit bound in bits per dimension."""
     return (nll_nats + dims * math.log(127.5)) / (dims * math.log(2.0))
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state dict (names, dtypes, shapes and values): which VAE made a latent (data.latent_source stamps it
+    on every stored latent; latent diffusion refuses latents of another VAE)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def dequantize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -197,9 +209,14 @@ class VAEModel(GenerativeModule):
         Autocast is switched off: a VAE in fp16 overflows (a known Stable Diffusion failure), and bf16 loses the
         precision the latents need, so the first stage always runs in fp32 whatever the caller's precision.
         """
+        images = images.to(self.device)
         with torch.autocast(images.device.type, enabled=False):
             posterior = self._network(use_ema).encode(images.float())
             return posterior.sample(generator) if sample else posterior.mode()
+
+    def fingerprint(self) -> str:
+        """The identity of these weights that pre-encoded latents carry (state_fingerprint)."""
+        return state_fingerprint(self.state_dict())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
