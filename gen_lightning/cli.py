@@ -7,6 +7,7 @@ Heavy imports (torch, Lightning: ~4 s) happen inside the subcommand that needs t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -218,8 +219,7 @@ def sample_main(args: Sequence[str]) -> None:
     sampler = ns.sampler or model.hparams.get("sampler")
     if ns.eta is not None and sampler != "ddim":
         parser.error(f"--eta is DDIM's noise scale; {ns.ckpt} would sample with {sampler!r}")
-    conditional = getattr(model, "text_conditioned", False)
-    if ns.prompt and not conditional:
+    if ns.prompt and model.kind != "text-to-image":
         parser.error(f"--prompt: {ns.ckpt} holds a {type(model).__name__}, which is not text-conditioned")
     per_prompt = ns.n or 8
     # One row per prompt (prompt-major order); unconditional: a square-ish grid of n.
@@ -321,137 +321,44 @@ def evaluate_main(args: Sequence[str]) -> None:
 
     import torch
 
-    from gen_lightning.callbacks.evaluation import (
-        clip_score_for,
-        cycled,
-        default_cache_dir,
-        fill_val_reference,
-        val_captions,
-    )
     from gen_lightning.data.datamodule import ShardDataModule
-    from gen_lightning.metrics.generative import GenerativeMetrics
-    from gen_lightning.metrics.inception import FIDInceptionV3
+    from gen_lightning.evaluation import Reference, evaluator_for
+    from gen_lightning.images import save_image_atomic
     from gen_lightning.models.loading import load_model
-    from gen_lightning.progress import progress
 
     model = load_model(ns.ckpt).to(ns.device)
     apply_clip_sample(model, ns)
-    if hasattr(model, "predict_next"):  # a world model: scored on held-out episodes, not unconditional samples
+    options = {"weights": ns.weights, "cache_dir": ns.cache_dir, "max_real": ns.max_real, "batch_size": ns.batch_size,
+               "steps": ns.steps, "sampler": ns.sampler}  # fmt: skip
+    if model.kind == "next-frame":  # scored on held-out episodes: one-step predictions and rollouts
         unused = [flag for flag, given in (("--guidance", ns.guidance is not None), ("--clip", ns.clip is not None),
                                            ("--no-kid", ns.no_kid)) if given]  # fmt: skip
         if unused:
             parser.error(f"{', '.join(unused)}: not used for a world model ({ns.ckpt}); it reports FID without KID")
-        return evaluate_world_model(model, ns)
-    image_size = int(model.hparams.image_size)
-    text_conditioned = bool(getattr(model, "text_conditioned", False))
+        options.update(rollouts=ns.rollouts, rollout_steps=ns.rollout_steps)
+    else:
+        options.update(kid=not ns.no_kid, clip=ns.clip, guidance=ns.guidance)
+    evaluator = evaluator_for(model, **options)
     data = ShardDataModule(
-        val=ns.data,
-        image_size=image_size,
-        batch_size=ns.batch_size,
-        num_workers=ns.num_workers,
-        # no Trainer to ask: an uncaptioned val sample would otherwise become an empty prompt
-        require_captions=text_conditioned,
-    )
+        val=ns.data, image_size=int(model.hparams.image_size), batch_size=ns.batch_size, num_workers=ns.num_workers,
+        require_captions=model.kind == "text-to-image",  # no Trainer to ask: an uncaptioned sample is no prompt
+    )  # fmt: skip
     data.setup("validate")
-    extractor = FIDInceptionV3(ns.weights)
-    metrics = GenerativeMetrics(extractor, kid=not ns.no_kid).to(ns.device)
-    cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
-    cached = fill_val_reference(metrics, data, cache_dir, max_real=ns.max_real)
-    # Text-to-image models are prompted with the reference captions, so both sides describe the same things.
-    prompts = val_captions(data.val_dataloader()) if text_conditioned else None
-    clip_score = clip_score_for(model, ns.clip, "--clip")
+    evaluator.setup(model)
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
-    kwargs = {"guidance": ns.guidance} if ns.guidance is not None else {}
-    with progress(total=ns.num_samples, desc="generating", unit="images") as bar:
-        for start in range(0, ns.num_samples, ns.batch_size):
-            count = min(ns.batch_size, ns.num_samples - start)
-            if prompts:
-                kwargs["cond"] = cycled(prompts, start, count)
-            images = model.sample(count, steps=ns.steps, sampler=ns.sampler, generator=generator, **kwargs)
-            metrics.update(images, real=False)
-            if clip_score is not None:
-                clip_score.update(images, kwargs["cond"])
-            bar.update(count)
-    report = {
-        **metrics.compute(),
-        **({"clip_score": float(clip_score.compute()), "clip": ns.clip} if clip_score is not None else {}),
-        "num_samples": ns.num_samples,
-        "num_real": metrics.num_real,
-        "reference_cached": cached,
-        "sampler": ns.sampler or model.hparams.sampler,
-        "steps": ns.steps or model.hparams.sample_steps,
-        "clip_sample": model.hparams.get("clip_sample"),
-        "guidance": ns.guidance if ns.guidance is not None else model.hparams.get("guidance", 1.0),
-        "seed": ns.seed,
-        "image_size": image_size,
-        "checkpoint": str(ns.ckpt),
-        "data": ns.data,
-        "extractor_sha256": extractor.sha256,
-    }
-    write_report(report, ns.out)
-
-
-def write_report(report: dict, out: str | None) -> None:
-    import json
-
+    results, images = evaluator(model, Reference.from_datamodule(data, "evaluate"), ns.num_samples, generator)
+    report = {**results, **evaluator.report(model), "num_samples": ns.num_samples, "seed": ns.seed,
+              "image_size": int(model.hparams.image_size), "checkpoint": str(ns.ckpt), "data": ns.data}  # fmt: skip
+    if images:  # a world model's strips, next to the report (or in the current folder)
+        folder = Path(ns.out).parent if ns.out else Path.cwd()
+        report["strips"] = {
+            name: str(save_image_atomic(image, folder / f"world_{name}.png")) for name, image in images.items()
+        }
     text = json.dumps(report, indent=2)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(text + "\n")
     print(text)
-
-
-def evaluate_world_model(model, ns: argparse.Namespace) -> None:
-    """World model: one-step PSNR/SSIM/cursor accuracy/FID on --num-samples held-out samples and --rollouts
-    16-step rollouts; the strips are written next to the report (or into the current folder)."""
-    import torch
-
-    from gen_lightning.callbacks.evaluation import default_cache_dir, fill_val_reference
-    from gen_lightning.callbacks.world import WorldEvaluator
-    from gen_lightning.data.datamodule import ShardDataModule
-    from gen_lightning.images import save_image_atomic
-    from gen_lightning.metrics.generative import GenerativeMetrics
-    from gen_lightning.metrics.inception import FIDInceptionV3
-    from gen_lightning.metrics.world import WorldMetrics
-
-    image_size = int(model.hparams.image_size)
-    data = ShardDataModule(val=ns.data, image_size=image_size, batch_size=ns.batch_size, num_workers=ns.num_workers)
-    data.setup("validate")
-    extractor = FIDInceptionV3(ns.weights)
-    generative = GenerativeMetrics(extractor, kid=False).to(ns.device)
-    cache_dir = Path(ns.cache_dir) if ns.cache_dir else default_cache_dir()
-    cached = fill_val_reference(generative, data, cache_dir, max_real=ns.max_real)
-    evaluator = WorldEvaluator(
-        WorldMetrics(ns.rollout_steps),
-        generative,
-        num_samples=ns.num_samples,
-        rollouts=ns.rollouts,
-        rollout_steps=ns.rollout_steps,
-        batch_size=ns.batch_size,
-        steps=ns.steps,
-        sampler=ns.sampler,
-    )
-    generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
-    results, images = evaluator(model, data.val_dataloader, generator)
-    folder = Path(ns.out).parent if ns.out else Path.cwd()
-    strips = {name: str(save_image_atomic(image, folder / f"world_{name}.png")) for name, image in images.items()}
-    report = {
-        **results,
-        "num_samples": ns.num_samples,
-        "rollouts": ns.rollouts,
-        "rollout_steps": ns.rollout_steps,
-        "reference_cached": cached,
-        "sampler": ns.sampler or model.hparams.sampler,
-        "steps": ns.steps or model.hparams.sample_steps,
-        "clip_sample": model.hparams.get("clip_sample"),
-        "seed": ns.seed,
-        "image_size": image_size,
-        "checkpoint": str(ns.ckpt),
-        "data": ns.data,
-        "strips": strips,
-        "extractor_sha256": extractor.sha256,
-    }
-    write_report(report, ns.out)
 
 
 # --- play -------------------------------------------------------------------------------------------------------------

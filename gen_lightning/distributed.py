@@ -15,3 +15,10 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def rank_count(total: int, world: int, rank: int) -> int:
+    """This rank's part of `total` items split as evenly as possible: the parts add up to `total` (a metric over N
+    samples must see N), and each rank has at least one."""
+    base, extra = divmod(total, world)
+    return max(1, base + (rank < extra))

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from gen_lightning.evaluation.encoders import EncoderPathError, load_text_image_encoder  # noqa: E402
 from gen_lightning.metrics.clip_score import CLIPScore, TextImageEncoder  # noqa: E402
-from gen_lightning.metrics.encoders import EncoderPathError, load_text_image_encoder  # noqa: E402
 from gen_lightning.metrics.hf_clip import HuggingFaceCLIP, HuggingFaceCLIPError, _import_transformers  # noqa: E402
 from tests.conftest import save_checkpoint  # noqa: E402
 

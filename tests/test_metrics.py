@@ -154,8 +154,8 @@ def test_a_small_evaluation_shrinks_the_kid_subset_for_itself_only_and_kid_leave
 def test_evaluation_ranks_split_exactly_num_samples(total, world):
     """The evaluation callbacks' split of `num_samples` over the ranks adds up to exactly `num_samples`, as evenly as
     possible (1000 on 3 ranks used to generate and score 1002)."""
-    from gen_lightning.callbacks.periodic import PeriodicSampling
+    from gen_lightning.distributed import rank_count
 
-    counts = [PeriodicSampling.rank_count(total, world, rank) for rank in range(world)]
+    counts = [rank_count(total, world, rank) for rank in range(world)]
     assert sum(counts) == total and min(counts) >= 1
     assert max(counts) - min(counts) <= 1

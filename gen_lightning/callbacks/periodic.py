@@ -1,5 +1,5 @@
-"""What the sampling callbacks share: run every N optimizer steps and once at the end of training, and draw this
-rank's share of the samples with a per-rank seed through the model's `sample()`."""
+"""What the sampling callbacks share: run every N optimizer steps and once at the end of training, with a per-rank
+seed, and publish the numbers through the Trainer's loggers."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class PeriodicSampling(L.Callback):
     Args:
         every_n_steps: optimizer steps between runs; 0 runs only at the end of training.
         num_samples: images per run, over all ranks.
-        sampler / steps / guidance: sampling settings (None / 1.0: the model's defaults).
+        sampler / steps / guidance: sampling settings (None: the model's defaults).
         seed: base seed; each rank offsets it by its rank, so ranks draw different images and runs are comparable.
     """
 
@@ -28,7 +28,7 @@ class PeriodicSampling(L.Callback):
         num_samples: int,
         sampler: str | None = None,
         steps: int | None = None,
-        guidance: float = 1.0,
+        guidance: float | None = None,
         seed: int = 0,
     ) -> None:
         self.every_n_steps = every_n_steps
@@ -55,34 +55,21 @@ class PeriodicSampling(L.Callback):
             self._last_step = trainer.global_step
             self.run(trainer, pl_module)
 
+    def sampling_steps(self, trainer: L.Trainer) -> int | None:
+        """A smoke test (fast_dev_run) exercises the sampling path, not its cost."""
+        return 2 if trainer.fast_dev_run else self.steps
+
     def share(self, trainer: L.Trainer, num_samples: int | None = None) -> int:
         """This rank's number of samples; equal on all ranks (keeps all_gather shapes equal; extras are dropped)."""
         return -(-(num_samples or self.num_samples) // trainer.world_size)
 
-    @staticmethod
-    def rank_count(total: int, world: int, rank: int) -> int:
-        """This rank's part of `total` items split as evenly as possible: the parts add up to `total` (a metric over
-        N samples must see N, where `share` rounds up), and each rank has at least one."""
-        base, extra = divmod(total, world)
-        return max(1, base + (rank < extra))
-
-    def draw(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        count: int,
-        generator: torch.Generator,
-        prompts: list[str] | None = None,
-    ):
-        """`count` images from the model's `sample()`; text-to-image models get `prompts` (None: their defaults)."""
-        kwargs: dict[str, Any] = {"steps": self.steps, "sampler": self.sampler}
-        if prompts is not None:
-            kwargs["cond"] = prompts
-        if self.guidance != 1.0:
-            kwargs["guidance"] = self.guidance
-        if trainer.fast_dev_run:  # a smoke test exercises the sampling path, not its cost
-            kwargs["steps"] = 2
-        return pl_module.sample(count, generator=generator, **kwargs)
-
     def generator(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Generator:
         return torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
+
+    @staticmethod
+    def log_results(trainer: L.Trainer, results: dict[str, float]) -> None:
+        """Rank 0 logs `val/<name>` through every logger (not self.log: Lightning forbids it in on_train_end)."""
+        if trainer.is_global_zero:
+            metrics = {f"val/{name}": value for name, value in results.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)

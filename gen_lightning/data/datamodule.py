@@ -307,6 +307,19 @@ class ShardDataModule(L.LightningDataModule):
         # it means replaying the epoch's first samples, which the reseeded stream above does not do.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
+    def val_sample_count(self) -> int | None:
+        """The val split's sample count over all ranks from its manifest when data.val is a shard folder (or its
+        manifest.json); None for a URL pattern, which carries no count. For progress lines' ETA only: reading the
+        shards reports a real problem."""
+        if not self.val or split_urls(self.val, "val") == self.val:
+            return None
+        from gen_lightning.data.shard_writer import read_manifest
+
+        try:
+            return int(read_manifest(Path(self.val))["splits"]["val"]["num_samples"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -14,16 +14,18 @@ from gen_lightning.errors import UserInputError
 from gen_lightning.nn.ema import EMA
 
 CHECKPOINT_FORMAT = 1
+ModelKind = Literal["image", "text-to-image", "next-frame", "encoder"]
 
 
 class GenerativeModule(L.LightningModule):
     """Subclasses call `save_hyperparameters()` with plain-typed arguments only, so that a checkpoint can be rebuilt
     from `weights_only=True` loading (see models.loading)."""
 
-    # text_conditioned: generates from a prompt (sample/evaluate prompt it). trains_on_captions: its loss uses the
-    # caption, so the DataModule skips (and counts) samples without one instead of feeding "".
-    text_conditioned = False
-    trains_on_captions = False
+    # What the model is, for the CLI and the evaluation (never probed with hasattr): "image" generates images,
+    # "text-to-image" from prompts, "next-frame" the next screen of a world model, "encoder" none (CLIP).
+    kind: ClassVar[ModelKind] = "image"
+    # Its loss uses the caption, so the DataModule skips (and counts) samples without one instead of feeding "".
+    trains_on_captions: ClassVar[bool] = False
     _last_ema_step = -1
     # Whether FSDP can shard this model: each network must be reachable through one attribute path only.
     fsdp_ready = True

@@ -42,6 +42,7 @@ class CLIPModel(GenerativeModule):
         zero_shot_template: prompt for zero-shot classes on val ("{}" is replaced by the class name).
     """
 
+    kind = "encoder"
     trains_on_captions = True
 
     def __init__(

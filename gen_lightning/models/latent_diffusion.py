@@ -58,7 +58,7 @@ class LatentDiffusionModel(DiffusionModel):
     vae_config / text_from_clip: filled in automatically, so a checkpoint rebuilds without the original files.
     """
 
-    text_conditioned = True
+    kind = "text-to-image"
     trains_on_captions = True
     fsdp_ready = False  # the UNet and text encoder are also registered in `trained` (the optimizer's and EMA's view)
 

@@ -76,6 +76,8 @@ class WorldModel(DiffusionModel):
     change_weight: λ, the extra loss weight of pixels that change from the newest context frame (0: plain mean).
     """
 
+    kind = "next-frame"
+
     def __init__(
         self,
         unet: UNetConfig | None = None,

@@ -5,10 +5,16 @@ Heavy imports (transformers, lightning through the CLIP module) happen only for 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from gen_lightning.errors import UserInputError
-from gen_lightning.metrics.clip_score import TextImageEncoder
+from gen_lightning.metrics.clip_score import CLIPScore, TextImageEncoder
+
+log = logging.getLogger(__name__)
 
 
 class EncoderPathError(UserInputError):
@@ -35,3 +41,19 @@ def load_text_image_encoder(path: str | Path) -> TextImageEncoder:
 
         return load_clip(path)
     raise EncoderPathError(f"CLIP-score encoder {str(path)!r} does not exist; expected {ACCEPTED}")
+
+
+def clip_score_for(model: Any, clip: str | None, option: str) -> CLIPScore | None:
+    """A CLIPScore for a text-to-image `model` on its device, or None with one log line saying why it is skipped.
+    `option`: how the user names the CLIP (in that line)."""
+    if model.kind != "text-to-image":
+        if clip:
+            log.info("CLIP score skipped: %s is not text-conditioned", type(model).__name__)
+        return None
+    if not clip:
+        log.info("CLIP score skipped: no CLIP configured (set %s to a CLIP checkpoint or HF CLIP directory)", option)
+        return None
+    encoder = load_text_image_encoder(clip)
+    if isinstance(encoder, torch.nn.Module):
+        encoder.to(model.device)
+    return CLIPScore(encoder).to(model.device)
