@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gen_lightning.diffusion import (
+    CFGDenoiser,
     DDIMSampler,
     DDPMSampler,
     DiffusionLoss,
@@ -333,6 +334,46 @@ def test_guided_model_one_doubled_forward() -> None:
     out1 = guided_model(model, cond, null, 1.0)(x, t)
     assert len(calls) == 1 and calls[0][0] == 3
     torch.testing.assert_close(out1, model(x, t, cond))
+
+
+class KeywordNet(torch.nn.Module):
+    """net(x_t, t, **cond) with a context tensor and a per-sample scale: records each call's batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(x.shape[0])
+        return x * context[:, :1, None, None] * scale[:, None, None, None] + t[:, None, None, None]
+
+
+def test_cfg_denoiser_runs_both_branches_as_one_doubled_forward() -> None:
+    net = KeywordNet()
+    x, t = torch.randn(3, 2, 4, 4), torch.tensor([5, 6, 7])
+    cond = {"context": torch.randn(3, 8), "scale": torch.rand(3)}
+    uncond = {"context": torch.randn(1, 8), "scale": torch.rand(1)}  # one null conditioning, repeated to the batch
+    out = CFGDenoiser(net, 3.0)(x, t, cond=cond, uncond=uncond)
+    assert net.batch_sizes == [6]
+    expanded = {k: v.expand(3, *v.shape[1:]) for k, v in uncond.items()}
+    torch.testing.assert_close(out, classifier_free_guidance(net(x, t, **cond), net(x, t, **expanded), 3.0))
+    assert torch.equal(CFGDenoiser(net, 0.0)(x, t, cond=cond, uncond=uncond), net(x, t, **expanded))
+    net.batch_sizes.clear()
+    assert torch.equal(CFGDenoiser(net, 1.0)(x, t, cond=cond, uncond=uncond), net(x, t, **cond))
+    assert net.batch_sizes == [3, 3]  # w = 1: the unconditional branch is not run
+
+
+def test_samplers_and_the_loss_pass_the_conditioning_as_arguments() -> None:
+    sched = NoiseSchedule.from_name("linear", 10)
+    net = KeywordNet()
+    cond = {"context": torch.ones(2, 8), "scale": torch.tensor([0.5, 2.0])}
+    sampled = sample_loop(net, make_sampler("ddim", sched), (2, 1, 2, 2), 3, torch.Generator().manual_seed(0),
+                          extra_args=cond)  # fmt: skip
+    assert net.batch_sizes == [2, 2, 2] and torch.isfinite(sampled).all()
+    loss = DiffusionLoss(sched)
+    x0, t, noise = torch.randn(2, 1, 2, 2), torch.tensor([3, 9]), torch.randn(2, 1, 2, 2)
+    by_hand = loss.per_sample(lambda x, t: net(x, t, **cond), x0, t, noise)
+    torch.testing.assert_close(loss.per_sample(net, x0, t, noise, extra_args=cond), by_hand)
 
 
 # 6. loss weighting and the loss itself

@@ -1,9 +1,10 @@
 """Classifier-free guidance (Ho & Salimans 2022)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def classifier_free_guidance(cond_out: torch.Tensor, uncond_out: torch.Tensor, weight: float) -> torch.Tensor:
@@ -46,3 +47,26 @@ def guided_model(
         return classifier_free_guidance(cond_out, uncond_out, weight)
 
     return guided
+
+
+class CFGDenoiser(nn.Module):
+    """A guided network for the samplers (k-diffusion's CFGDenoiser): called as `denoiser(x, t, cond=..., uncond=...)`
+    with the keyword arguments of `net(x_t, t, **cond)` for the conditional and the unconditional branch.
+
+    Both branches run as one forward pass of the doubled batch [x; x] with [cond; uncond] (one kernel launch per
+    layer instead of two); with weight == 1 the unconditional branch is skipped since it has no effect.
+    """
+
+    def __init__(self, net: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.net = net
+        self.weight = weight
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any], uncond: Mapping[str, Any]
+    ) -> torch.Tensor:
+        if self.weight == 1:
+            return self.net(x, t, **cond)
+        out = self.net(torch.cat([x, x]), torch.cat([t, t]), **_cat_context(dict(cond), dict(uncond)))
+        cond_out, uncond_out = out.chunk(2)
+        return classifier_free_guidance(cond_out, uncond_out, self.weight)

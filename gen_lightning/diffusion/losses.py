@@ -1,6 +1,7 @@
 """Denoising training loss (Ho et al. 2020) with optional Min-SNR-gamma weighting (Hang et al. 2023)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -28,7 +29,8 @@ def min_snr_weight(snr: torch.Tensor, prediction_type: str, gamma: float) -> tor
 
 
 class DiffusionLoss:
-    """E_{t, eps} w(t) || model(x_t, t) - target ||^2, averaged over pixels then over the batch."""
+    """E_{t, eps} w(t) || model(x_t, t, **extra_args) - target ||^2, averaged over pixels then over the batch. The
+    model's conditioning comes as `extra_args` (k-diffusion's Denoiser.loss(input, noise, sigma, **kwargs))."""
 
     def __init__(
         self,
@@ -54,11 +56,12 @@ class DiffusionLoss:
 
     def per_sample(
         self,
-        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        model: Callable[..., torch.Tensor],
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
         pixel_weight: torch.Tensor | None = None,
+        extra_args: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         """Weighted loss of each sample for given t and noise (for logging per-t losses or custom t sampling).
 
@@ -68,7 +71,7 @@ class DiffusionLoss:
         target = training_target(self.prediction_type, x0, noise, self.schedule.alpha_bar(t, dtype=x0.dtype))
         # At least float32 for the reduction so bf16 autocast outputs do not lose the small squared errors.
         dtype = torch.promote_types(x0.dtype, torch.float32)
-        squared = (model(x_t, t).to(dtype) - target.to(dtype)).pow(2)
+        squared = (model(x_t, t, **(extra_args or {})).to(dtype) - target.to(dtype)).pow(2)
         if pixel_weight is not None:
             squared = squared * pixel_weight.to(dtype)
         err = squared.reshape(x0.shape[0], -1).mean(dim=1)
@@ -76,13 +79,14 @@ class DiffusionLoss:
 
     def __call__(
         self,
-        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        model: Callable[..., torch.Tensor],
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
         pixel_weight: torch.Tensor | None = None,
+        extra_args: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         """Scalar loss with t ~ U{0..T-1} and eps ~ N(0, I); `generator` makes both reproducible (any device)."""
         gen_device = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=gen_device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
-        return self.per_sample(model, x0, t.to(x0.device), noise.to(x0.device), pixel_weight).mean()
+        return self.per_sample(model, x0, t.to(x0.device), noise.to(x0.device), pixel_weight, extra_args).mean()

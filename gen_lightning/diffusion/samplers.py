@@ -7,7 +7,7 @@ float64 from the schedule and applied in the dtype of x_t.
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -188,7 +188,7 @@ def make_sampler(
 
 @torch.no_grad()
 def sample_steps(
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: Callable[..., torch.Tensor],
     sampler: DDIMSampler | DDPMSampler,
     shape: tuple[int, ...],
     num_steps: int,
@@ -196,9 +196,11 @@ def sample_steps(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     x_T: torch.Tensor | None = None,
+    extra_args: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """The sampling loop one step at a time: yields (t, x after the step from t). For progress, previews, or running
-    two samplers in lockstep (bench/unet_vs_diffusers.py)."""
+    two samplers in lockstep (bench/unet_vs_diffusers.py). The model is called as `model(x_t, t, **extra_args)`: the
+    conditioning travels as arguments, as in k-diffusion's samplers, never inside a closure."""
     sampler.set_timesteps(num_steps)
     if x_T is None:
         if device is None:
@@ -207,12 +209,12 @@ def sample_steps(
     x = x_T
     for t in sampler.timesteps.tolist():
         t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
-        x = sampler.step(model(x, t_batch), t, x, generator=generator)
+        x = sampler.step(model(x, t_batch, **(extra_args or {})), t, x, generator=generator)
         yield t, x
 
 
 def sample_loop(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """`sample_steps` (same arguments) run to the end: the clean sample. The model gets (x_t, t as int64 [N]) and
-    answers in the sampler's prediction_type; x_T defaults to N(0, I) of the given shape."""
+    """`sample_steps` (same arguments) run to the end: the clean sample. The model gets (x_t, t as int64 [N],
+    **extra_args) and answers in the sampler's prediction_type; x_T defaults to N(0, I) of the given shape."""
     ((_, x_0),) = deque(sample_steps(*args, **kwargs), maxlen=1)
     return x_0
