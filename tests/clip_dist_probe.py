@@ -22,7 +22,7 @@ class Step(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         image_features, text_features = self.model.embed(images, captions)
-        return self.model.loss_fn(image_features, text_features, self.model.logit_scale.exp())
+        return self.model.loss_fn(image_features, text_features, self.model.net.logit_scale.exp())
 
 
 def rank_main(rank: int, world: int, batch_path: str, out_dir: str, port: int, local_loss: bool) -> None:

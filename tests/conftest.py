@@ -79,7 +79,7 @@ def save_checkpoint(model, path: Path) -> Path:
         {
             "state_dict": model.state_dict(),
             "hyper_parameters": dict(model.hparams),
-            "gen_lightning": {"class_path": f"{cls.__module__}.{cls.__qualname__}", "format": 1},
+            "gen_lightning": {"class_path": f"{cls.__module__}.{cls.__qualname__}", "format": cls.checkpoint_format},
         },
         path,
     )

@@ -16,6 +16,7 @@ from gen_lightning.cli import main
 from gen_lightning.metrics.clip_score import CLIPScore, TextImageEncoder
 from gen_lightning.metrics.retrieval import recall_at_k, same_caption, zero_shot_accuracy
 from gen_lightning.models.clip import CLIPModel, class_prompt, load_clip
+from gen_lightning.models.loading import load_model
 from gen_lightning.nn.contrastive import ClipLoss
 from gen_lightning.nn.text import EOT, PAD, SOT, ByteTokenizer, TextConfig, TextEncoder
 from gen_lightning.nn.vision import VisionConfig
@@ -105,7 +106,7 @@ def test_two_process_loss_and_gradients_equal_single_process(loss_kind, tmp_path
         cwd=REPO,
     )
     image_features, text_features = model.embed(images, captions)
-    loss = model.loss_fn(image_features, text_features, model.logit_scale.exp())
+    loss = model.loss_fn(image_features, text_features, model.net.logit_scale.exp())
     loss.backward()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # global loss: every rank computes the full loss; local loss: the mean of the ranks' losses is the full loss
@@ -125,7 +126,7 @@ def test_clip_learns_a_batch_and_clamps_its_temperature():
     first = None
     for _ in range(120):  # random-noise images start with near-identical features; ~30 steps to break symmetry
         image_features, text_features = model.embed(images, captions)
-        loss = model.loss_fn(image_features, text_features, model.logit_scale.exp())
+        loss = model.loss_fn(image_features, text_features, model.net.logit_scale.exp())
         first = first if first is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()
@@ -134,9 +135,9 @@ def test_clip_learns_a_batch_and_clamps_its_temperature():
     with torch.no_grad():
         image_features, text_features = model.embed(images, captions)
     assert recall_at_k(image_features @ text_features.T, ks=(1,))[1] >= 0.75
-    model.logit_scale.data.fill_(10.0)  # exp(10) > 100
+    model.net.logit_scale.data.fill_(10.0)  # exp(10) > 100
     model.after_optimizer_step(1)
-    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    assert model.net.logit_scale.item() == pytest.approx(math.log(100))
 
 
 def test_checkpoint_serves_as_clip_score_encoder_and_text_tower(tmp_path, caplog):
@@ -149,13 +150,14 @@ def test_checkpoint_serves_as_clip_score_encoder_and_text_tower(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="gen_lightning"):
         metric.update(images, captions)
     with torch.no_grad():
-        cosine = F.cosine_similarity(model.encode_image(images), model.encode_text(model.tokenize(captions)[0]))
+        net = model.net
+        cosine = F.cosine_similarity(net.encode_image(images), net.encode_text(net.tokenize(captions)[0]))
     torch.testing.assert_close(metric.compute(), (100 * cosine.clamp(min=0)).mean())
     assert metric.truncation.count == 1 and any("16-token context" in r.getMessage() for r in caplog.records)
     tokens, _ = loaded.text.tokenize(["red circle"])
     assert loaded.text(tokens).shape == (1, 16, 32)  # hidden states for cross-attention
     with pytest.raises(TypeError, match="does not generate"):
-        loaded.sample(2)
+        load_model(tmp_path / "clip.ckpt").sample(2)
 
 
 def test_clip_fit_logs_retrieval_and_zero_shot_to_wandb(toy_shards, tmp_path):
@@ -206,14 +208,18 @@ def test_zero_shot_skips_missing_and_empty_labels():
 
 def test_checkpoints_with_a_zero_dim_temperature_still_load_and_resume():
     """The temperature is one element since DeepSpeed (which cannot broadcast a 0-dim parameter); weights and AdamW
-    moments written when it was 0-dim load into the new shape."""
+    moments written when it was 0-dim (checkpoint format 1, the towers at CLIPModel's top level) load into the new
+    shape through the hook Lightning calls before it loads a resumed state dict."""
     model = tiny_clip()
-    old = {k: (v.reshape(()) if k == "logit_scale" else v) for k, v in model.state_dict().items()}
+    old = {
+        k.removeprefix("net."): (v.reshape(()) if k == "net.logit_scale" else v) for k, v in model.state_dict().items()
+    }
+    moments = {"step": torch.tensor(3.0), "exp_avg": torch.tensor(0.5), "exp_avg_sq": torch.tensor(0.25)}
+    checkpoint = {"state_dict": old, "optimizer_states": [{"state": {0: moments}}], "gen_lightning": {"format": 1}}
     loaded = tiny_clip(seed=1)
-    loaded.load_state_dict(old)
-    assert loaded.logit_scale.shape == (1,) and torch.equal(loaded.logit_scale, model.logit_scale)
-    checkpoint = {"optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.tensor(0.5),
-                                                      "exp_avg_sq": torch.tensor(0.25)}}}]}  # fmt: skip
     loaded.on_load_checkpoint(checkpoint)
+    loaded.load_state_dict(checkpoint["state_dict"])
+    assert loaded.net.logit_scale.shape == (1,) and torch.equal(loaded.net.logit_scale, model.net.logit_scale)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
     state = checkpoint["optimizer_states"][0]["state"][0]
     assert state["exp_avg"].shape == (1,) and state["exp_avg_sq"].shape == (1,) and state["step"].ndim == 0

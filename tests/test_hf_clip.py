@@ -177,6 +177,7 @@ def test_missing_transformers_names_the_extra(monkeypatch):
 
 def test_a_file_loads_the_projects_clip_checkpoint(tmp_path):
     from gen_lightning.models.clip import CLIPModel
+    from gen_lightning.nn.clip import CLIPNet
     from gen_lightning.nn.text import TextConfig
     from gen_lightning.nn.vision import VisionConfig
 
@@ -188,8 +189,8 @@ def test_a_file_loads_the_projects_clip_checkpoint(tmp_path):
         image_size=16,
     )
     encoder = load_text_image_encoder(save_checkpoint(model, tmp_path / "clip.ckpt"))
-    assert isinstance(encoder, CLIPModel) and isinstance(encoder, TextImageEncoder)
+    assert isinstance(encoder, CLIPNet) and isinstance(encoder, TextImageEncoder)
     assert not any(p.requires_grad for p in encoder.parameters())
     images = smooth_images(2, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(encoder.encode_image(images), model.eval().encode_image(images))
+        torch.testing.assert_close(encoder.encode_image(images), model.eval().net.encode_image(images))

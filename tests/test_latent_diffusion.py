@@ -15,7 +15,7 @@ from PIL import Image
 from gen_lightning.cli import main
 from gen_lightning.data.datamodule import ShardDataModule
 from gen_lightning.data.shard_writer import read_manifest
-from gen_lightning.models.clip import CLIPModel
+from gen_lightning.models.clip import CLIPModel, load_clip
 from gen_lightning.models.diffusion import DiffusionModel
 from gen_lightning.models.latent_diffusion import LatentDiffusionModel
 from gen_lightning.models.loading import load_model
@@ -181,7 +181,7 @@ def tiny_clip_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("text", [None, TINY_TEXT], ids=["text=null", "config's text block"])
 def test_frozen_clip_text_tower(text, tiny_vae_checkpoint, tiny_clip_checkpoint, tmp_path, caplog):
-    clip = load_model(tiny_clip_checkpoint)
+    clip = load_clip(tiny_clip_checkpoint)
     clip_copy = tmp_path / "clip.ckpt"
     clip_copy.write_bytes(tiny_clip_checkpoint.read_bytes())
     with caplog.at_level(logging.WARNING, logger="gen_lightning.models.latent_diffusion"):

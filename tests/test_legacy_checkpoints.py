@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gen_lightning.cli import main
+from gen_lightning.models.clip import load_clip
 from gen_lightning.models.loading import load_model
 
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
+REPO = LEGACY.parents[2]
 FAMILIES = ("ddpm", "vae", "clip", "world", "ldm_text", "ldm_clip")
 PROMPTS = ["red circle", "blue square"]
 
@@ -61,10 +64,11 @@ def test_legacy_vae_encodes_decodes_and_samples_as_before(expected):
 
 @torch.no_grad()
 def test_legacy_clip_embeds_as_before(expected):
-    model = load_model(LEGACY / "clip.ckpt")
-    close(model.encode_image(expected["inputs/images"]), expected["clip/image"])
-    close(model.encode_text(expected["inputs/tokens"]), expected["clip/text"])
-    assert model.logit_scale.shape == (1,)  # written 0-dim before #18; reshaped on load
+    # As a model (sample/evaluate's loader) and as the network the CLIP score and latent diffusion load.
+    for net in (load_model(LEGACY / "clip.ckpt").net, load_clip(LEGACY / "clip.ckpt")):
+        close(net.encode_image(expected["inputs/images"]), expected["clip/image"])
+        close(net.encode_text(expected["inputs/tokens"]), expected["clip/text"])
+        assert net.logit_scale.shape == (1,)  # written 0-dim by 12b3ea7; reshaped on load
 
 
 @torch.no_grad()
@@ -83,3 +87,43 @@ def test_legacy_latent_diffusion_samples_as_before(name, guidance, expected):
     model = load_model(LEGACY / f"{name}.ckpt")
     images = model.sample(2, PROMPTS, steps=2, guidance=guidance, generator=seeded())
     close(images, expected[f"{name}/sample_w{guidance:g}"])
+
+
+def fit_args(name: str, root: Path, shards: dict[str, Path]) -> list[str]:
+    """The fixture's own fit (README.json) on data of the same kind, without its step limit."""
+    fit = json.loads((LEGACY / "README.json").read_text())["fits"][name]
+    common = [
+        arg for arg in json.loads((LEGACY / "README.json").read_text())["common_fit_args"] if "max_steps" not in arg
+    ]
+    overrides = [arg.replace("tests/fixtures/legacy/", f"{LEGACY}/") for arg in fit["overrides"]]
+    train, val = shards[fit["data"]]
+    data = [f"--data.train={train}", f"--data.val={val}", "--data.image_size=16", "--data.batch_size=4",
+            "--data.num_workers=0", "--data.shuffle_buffer=8"]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        str(REPO / fit["config"]),
+        f"--trainer.default_root_dir={root}",
+        *data,
+        *common,
+        *overrides,
+    ]
+
+
+@pytest.fixture(scope="module")
+def legacy_data(toy_shards, toy_world) -> dict[str, tuple[Path, Path]]:
+    return {"toy": (toy_shards, toy_shards), "world": toy_world, "latents": (LEGACY / "latents", LEGACY / "latents")}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_legacy_checkpoint_resumes_training(name, legacy_data, tmp_path):
+    """fit --ckpt_path on a format-1 checkpoint: weights, EMA, optimizer (AdamW's moments, in parameter order),
+    scheduler and loop state are restored, and training continues at step 3."""
+    main([*fit_args(name, tmp_path, legacy_data), f"--ckpt_path={LEGACY / f'{name}.ckpt'}", "--trainer.max_steps=3"])
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 3
+    adam = resumed["optimizer_states"][0]["state"]
+    assert adam and {int(state["step"]) for state in adam.values()} == {3}  # restored at 2, not started again at 0
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 3
+    if name != "clip":  # the EMA continued from its two updates
+        assert int(resumed["state_dict"]["ema.num_updates"]) == 3

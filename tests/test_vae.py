@@ -123,7 +123,7 @@ def test_encode_and_decode_run_in_fp32_under_bf16_autocast():
     model = tiny_model().eval()
     images = toy_images(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.autoencoder.encoder(images).dtype == torch.bfloat16  # autocast is really active here
+        assert model.net.encoder(images).dtype == torch.bfloat16  # autocast is really active here
         latents = model.encode(images)
         decoded = model.decode(latents)
         sampled = model.encode(images, sample=True, generator=torch.Generator().manual_seed(0))
@@ -177,13 +177,13 @@ def test_loss_decreases_on_a_fixed_batch():
 
     def elbo_and_mse() -> tuple[float, float]:
         with torch.no_grad():
-            recon, kl, _ = model.terms(model.autoencoder, images, torch.Generator().manual_seed(1))
+            recon, kl, _ = model.terms(model.net, images, torch.Generator().manual_seed(1))
             mse = (model.decode(model.encode(images, use_ema=False), use_ema=False) - images).pow(2).mean()
         return (recon + kl).mean().item(), mse.item()
 
     elbo_before, mse_before = elbo_and_mse()
     for step in range(30):
-        recon, kl, _ = model.terms(model.autoencoder, images, generator)
+        recon, kl, _ = model.terms(model.net, images, generator)
         loss = (recon + model.beta_at(step) * kl).mean() / images[0].numel()
         optimizer.zero_grad()
         loss.backward()

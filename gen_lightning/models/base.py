@@ -11,9 +11,9 @@ import lightning as L
 import torch
 
 from gen_lightning.errors import UserInputError
+from gen_lightning.models.checkpoint_format import Rule, renamed, upgrade
 from gen_lightning.nn.ema import EMA
 
-CHECKPOINT_FORMAT = 1
 ModelKind = Literal["image", "text-to-image", "next-frame", "encoder"]
 
 
@@ -26,6 +26,9 @@ class GenerativeModule(L.LightningModule):
     kind: ClassVar[ModelKind] = "image"
     # Its loss uses the caption, so the DataModule skips (and counts) samples without one instead of feeding "".
     trains_on_captions: ClassVar[bool] = False
+    # The layout of this class's state dict (models.checkpoint_format), and the renames from format 1.
+    checkpoint_format: ClassVar[int] = 2
+    format_1_renames: ClassVar[tuple[Rule, ...]] = ()
     _last_ema_step = -1
     # Whether FSDP can shard this model: each network must be reachable through one attribute path only.
     fsdp_ready = True
@@ -127,8 +130,19 @@ class GenerativeModule(L.LightningModule):
         cls = type(self)
         checkpoint["gen_lightning"] = {
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
-            "format": CHECKPOINT_FORMAT,
+            "format": cls.checkpoint_format,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning calls this before it loads the state dict (fit/validate --ckpt_path, auto-resume, hpc_ckpt):
+        a checkpoint of an older format is mapped to this one first."""
+        upgrade(checkpoint, type(self))
+
+    @classmethod
+    def upgrade_from_format_1(cls, checkpoint: dict[str, Any]) -> None:
+        """A format-1 checkpoint (dict, in place) in this class's layout: its keys renamed by format_1_renames.
+        Classes with more to do (reshaped or dropped tensors, new hyper-parameters) extend it."""
+        checkpoint["state_dict"] = renamed(checkpoint["state_dict"], cls.format_1_renames)
 
 
 def strategy_problem(model: GenerativeModule, strategy: object) -> str | None:

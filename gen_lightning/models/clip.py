@@ -1,9 +1,9 @@
 """CLIPModel: contrastive image-text pre-training (Radford et al. 2021) on the shared shard DataModule.
 
-The trained model is used elsewhere through two documented doors:
+The trained network (nn.clip.CLIPNet) is used elsewhere through two documented doors:
 - as a `metrics.clip_score.TextImageEncoder` (tokenize / encode_image / encode_text) for the CLIP score;
-- `model.text`, a `nn.text.TextEncoder`, as the frozen text tower of latent diffusion.
-`load_clip(path)` opens a checkpoint weights-only, frozen, for both.
+- its `text`, a `nn.text.TextEncoder`, as the frozen text tower of latent diffusion.
+`load_clip(path)` opens a checkpoint's network weights-only, frozen, for both.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gen_lightning.distributed import all_gather_objects
 from gen_lightning.metrics.retrieval import recall_at_k, same_caption, zero_shot_accuracy
 from gen_lightning.models.base import GenerativeModule
+from gen_lightning.nn.clip import CLIPNet
 from gen_lightning.nn.contrastive import ClipLoss
-from gen_lightning.nn.text import TextConfig, TextEncoder, TruncationCounter, normalize_caption
-from gen_lightning.nn.vision import VisionConfig, VisionTransformer
+from gen_lightning.nn.text import TextConfig, TruncationCounter, normalize_caption
+from gen_lightning.nn.vision import VisionConfig
 
 
 class CLIPModel(GenerativeModule):
@@ -44,6 +44,10 @@ class CLIPModel(GenerativeModule):
 
     kind = "encoder"
     trains_on_captions = True
+    format_1_renames = (
+        ("logit_scale", "net.logit_scale"),
+        *((prefix, f"net.{prefix}") for prefix in ("visual.", "visual_projection.", "text.", "text_projection.")),
+    )
 
     def __init__(
         self,
@@ -70,68 +74,41 @@ class CLIPModel(GenerativeModule):
         self.save_hyperparameters()
         self.hparams["vision"] = vision_config.as_dict()  # plain types only: checkpoints load weights-only
         self.hparams["text"] = text_config.as_dict()
-        self.visual = VisionTransformer(vision_config)
-        self.visual_projection = nn.Linear(vision_config.width, embed_dim, bias=False)
-        self.text = TextEncoder(text_config)
-        self.text_projection = nn.Linear(text_config.width, embed_dim, bias=False)
-        nn.init.normal_(self.visual_projection.weight, std=vision_config.width**-0.5)
-        nn.init.normal_(self.text_projection.weight, std=text_config.width**-0.5)
-        # One element, not a 0-dim tensor: DeepSpeed's engine broadcasts each parameter viewed as bytes, which a 0-dim
-        # tensor cannot be (the first DeepSpeed fit failed there). Older checkpoints' 0-dim scale is reshaped on load.
-        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
+        self.net = CLIPNet(vision_config, text_config, embed_dim, init_logit_scale)
         self.loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
         self.truncation = TruncationCounter("CLIP training")
         self._val_outputs: list[dict[str, Any]] = []
 
-    # --- the TextImageEncoder interface (metrics.clip_score) -----------------------------------------------------
-    @property
-    def context_length(self) -> int:
-        return self.text.context_length
-
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.text.tokenize(texts)
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """float [-1, 1] NCHW (any size) -> unnormalised embeddings [N, embed_dim]."""
-        return self.visual_projection(self.visual(images))
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """token ids [N, context_length] -> unnormalised embeddings [N, embed_dim]."""
-        return self.text_projection(TextEncoder.pool(tokens, self.text(tokens)))
-
+    # --- training ---------------------------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised (image, text) features of a batch; counts and warns once about truncated captions."""
-        tokens, lengths = self.tokenize(captions)
-        self.truncation.update(captions, lengths, self.context_length)
-        image_features = F.normalize(self.encode_image(images), dim=-1)
-        text_features = F.normalize(self.encode_text(tokens.to(images.device)), dim=-1)
-        return image_features, text_features
+        tokens, lengths = self.net.tokenize(captions)
+        self.truncation.update(captions, lengths, self.net.context_length)
+        return self.net(images, tokens.to(images.device))
 
-    # --- training ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         image_features, text_features = self.embed(batch["image"], batch["caption"])
-        loss = self.loss_fn(image_features, text_features, self.logit_scale.exp())
+        loss = self.loss_fn(image_features, text_features, self.net.logit_scale.exp())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
-        self.log("train/logit_scale", self.logit_scale.exp().detach().squeeze(), batch_size=len(batch["caption"]))
+        self.log("train/logit_scale", self.net.logit_scale.exp().detach().squeeze(), batch_size=len(batch["caption"]))
         return loss
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = f"{prefix}logit_scale"
-        if key in state_dict and state_dict[key].ndim == 0:  # written before the scale had one element
-            state_dict[key] = state_dict[key].reshape(1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # AdamW's moments of the old 0-dim scale (its `step` counters are 0-dim by design and stay so)
+    @classmethod
+    def upgrade_from_format_1(cls, checkpoint: dict[str, Any]) -> None:
+        super().upgrade_from_format_1(checkpoint)
+        # The temperature was 0-dim before DeepSpeed (which cannot broadcast it): the weight and its AdamW moments
+        # take the one-element shape (the `step` counters are 0-dim by design and stay so).
+        state = checkpoint["state_dict"]
+        state["net.logit_scale"] = state["net.logit_scale"].reshape(1)
         for optimizer in checkpoint.get("optimizer_states", []):
-            for state in optimizer.get("state", {}).values():
+            for moments in optimizer.get("state", {}).values():
                 for moment in ("exp_avg", "exp_avg_sq"):
-                    if moment in state and state[moment].ndim == 0:
-                        state[moment] = state[moment].reshape(1)
+                    if moment in moments and moments[moment].ndim == 0:
+                        moments[moment] = moments[moment].reshape(1)
 
     def after_optimizer_step(self, steps_done: int) -> None:
         with torch.no_grad():
-            self.logit_scale.clamp_(0, self.hparams.max_logit_scale)
+            self.net.logit_scale.clamp_(0, self.hparams.max_logit_scale)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
@@ -139,7 +116,7 @@ class CLIPModel(GenerativeModule):
             if not param.requires_grad:
                 continue
             # open_clip: no decay for gains/biases (1-d), embeddings and the temperature
-            skip = param.ndim < 2 or "embedding" in name or name == "logit_scale"
+            skip = param.ndim < 2 or "embedding" in name or name.endswith("logit_scale")
             (no_decay if skip else decay).append(param)
         return self.adamw_with_warmup([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
 
@@ -184,7 +161,7 @@ class CLIPModel(GenerativeModule):
         n = image_features.shape[0]
         similarity = image_features @ text_features.T
         targets = torch.arange(n)
-        scale = float(self.logit_scale.exp())
+        scale = float(self.net.logit_scale.exp())
         scores: dict[str, float] = {
             "loss": float(
                 (F.cross_entropy(scale * similarity, targets) + F.cross_entropy(scale * similarity.T, targets)) / 2
@@ -202,8 +179,8 @@ class CLIPModel(GenerativeModule):
                 continue
             known = torch.tensor([bool(name) for name in names])  # a missing or empty label is not scored
             prompts = [self.hparams.zero_shot_template.format(class_prompt(name)) for name in classes]
-            tokens, _ = self.tokenize(prompts)
-            class_features = F.normalize(self.encode_text(tokens.to(self.device)).float().cpu(), dim=-1)
+            tokens, _ = self.net.tokenize(prompts)
+            class_features = F.normalize(self.net.encode_text(tokens.to(self.device)).float().cpu(), dim=-1)
             targets_k = torch.tensor([classes.index(name) for name in names if name])
             accuracy, chance = zero_shot_accuracy(image_features[known], class_features, targets_k)
             scores[f"zeroshot_{key}_top1"] = accuracy
@@ -216,10 +193,12 @@ def class_prompt(name: str) -> str:
     return normalize_caption(name.replace("-", " "))
 
 
-def load_clip(path: str | Path) -> CLIPModel:
-    """A CLIP checkpoint, weights-only, in eval mode, frozen (for the CLIP score and for conditioning)."""
-    from gen_lightning.models.loading import load_model
+def load_clip(path: str | Path) -> CLIPNet:
+    """A CLIP checkpoint's network, weights-only, in eval mode, frozen (for the CLIP score and for conditioning)."""
+    from gen_lightning.models.loading import load_network
 
-    model = load_model(path, expected=CLIPModel)
-    model.requires_grad_(False)
-    return model  # type: ignore[return-value]
+    def build(hparams: dict[str, Any]) -> CLIPNet:
+        return CLIPNet(hparams["vision"], hparams["text"], hparams["embed_dim"], hparams["init_logit_scale"])
+
+    network, _ = load_network(path, CLIPModel, build, prefix="net.")
+    return network  # type: ignore[return-value]

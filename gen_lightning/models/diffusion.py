@@ -32,6 +32,8 @@ class DiffusionModel(GenerativeModule):
         fused_adamw: AdamW's fused kernel (one kernel for all parameters) instead of the per-tensor loop.
     """
 
+    checkpoint_format = 1  # the UNet is still `unet` here
+
     def __init__(
         self,
         unet: UNetConfig | None = None,

@@ -59,6 +59,9 @@ class LatentDiffusionModel(DiffusionModel):
     """
 
     kind = "text-to-image"
+    # Interim (until this model holds one network of its own): only the nested VAEModel's network was renamed.
+    checkpoint_format = 2
+    format_1_renames = (("vae.autoencoder.", "vae.net."),)
     trains_on_captions = True
     fsdp_ready = False  # the UNet and text encoder are also registered in `trained` (the optimizer's and EMA's view)
 
@@ -94,7 +97,7 @@ class LatentDiffusionModel(DiffusionModel):
             text_encoder = load_clip(clip_checkpoint).text
         else:  # trainable, or rebuilt from our own checkpoint (`text` is the saved shape, the weights follow)
             text_encoder = TextEncoder(text if text is not None else TextConfig())
-        factor = vae.autoencoder.downsample_factor
+        factor = vae.net.downsample_factor
         if image_size % factor:
             raise ValueError(f"image_size={image_size} is not divisible by the VAE's downsampling factor {factor}")
         unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())

@@ -6,17 +6,21 @@ under `gen_lightning.models` are constructed, from the checkpoint's plain-typed 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pickle
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import nn
 
 from gen_lightning.errors import UserInputError
 from gen_lightning.models.base import GenerativeModule
+from gen_lightning.models.checkpoint_format import upgrade
 
 
 class CheckpointError(UserInputError):
@@ -102,28 +106,61 @@ def build_model(cls: type[GenerativeModule], hparams: dict[str, Any]) -> Generat
         _given_hyperparameters.reset(token)
 
 
-def load_model(path: str | Path, expected: type[GenerativeModule] | None = None) -> GenerativeModule:
-    """The model of a checkpoint, in eval mode on CPU. `expected` rejects a checkpoint of another model class."""
+def read_model_checkpoint(
+    path: str | Path, expected: type[GenerativeModule] | None = None
+) -> tuple[type[GenerativeModule], dict[str, Any], dict[str, Any]]:
+    """(class, hyper-parameters, state dict in the class's current format) of a checkpoint. `expected` rejects a
+    checkpoint of another model class."""
     checkpoint = read_checkpoint(path)
     cls = model_class(checkpoint, path)
     if expected is not None and not issubclass(cls, expected):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {cls.__name__}, expected a {expected.__name__}")
+    upgrade(checkpoint, cls)
     hparams = checkpoint.get("hyper_parameters", {})
     state_dict = checkpoint.get("state_dict")
     if not isinstance(hparams, dict) or not isinstance(state_dict, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} lacks its hyper_parameters or state_dict")
-    try:
+    return cls, {k: v for k, v in hparams.items() if not k.startswith("_")}, state_dict
+
+
+def load_model(path: str | Path, expected: type[GenerativeModule] | None = None) -> GenerativeModule:
+    """The model of a checkpoint, in eval mode on CPU. `expected` rejects a checkpoint of another model class."""
+    cls, hparams, state_dict = read_model_checkpoint(path, expected)
+    with named_errors(path, cls):
         # The class named in the file with the file's arguments: a file relabelled (or written by another version)
         # fails here or in load_state_dict, with a TypeError / RuntimeError that would not name the file.
-        model = build_model(cls, {k: v for k, v in hparams.items() if not k.startswith("_")})
+        model = build_model(cls, hparams)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    except CheckpointError:
-        raise  # a file this model loads in turn (e.g. a VAE): already named
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {cls.__name__}: {str(err)[:300]}") from err
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match {cls.__name__}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.eval()
+
+
+def load_network(
+    path: str | Path,
+    expected: type[GenerativeModule],
+    build: Callable[[dict[str, Any]], nn.Module],
+    prefix: str,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """One network of a checkpoint without its LightningModule (a frozen part of another model): `build(hparams)`
+    with the state dict's `prefix` entries loaded strictly, frozen, in eval mode. Returns it and the (upgraded) state
+    dict."""
+    cls, hparams, state_dict = read_model_checkpoint(path, expected)
+    with named_errors(path, cls):
+        network = build(hparams)
+        network.load_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)})
+    return network.requires_grad_(False).eval(), state_dict
+
+
+@contextlib.contextmanager
+def named_errors(path: str | Path, cls: type[GenerativeModule]) -> Iterator[None]:
+    """Errors from building a model out of a file, as a CheckpointError that names the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise  # a file this model loads in turn (e.g. a VAE): already named
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {cls.__name__}: {str(err)[:300]}") from err

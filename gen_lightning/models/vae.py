@@ -26,7 +26,8 @@ import torch
 
 from gen_lightning.images import make_grid, psnr, publish_image
 from gen_lightning.models.base import GenerativeModule
-from gen_lightning.nn.autoencoder import Autoencoder, AutoencoderConfig
+from gen_lightning.models.checkpoint_format import renamed
+from gen_lightning.nn.autoencoder import Autoencoder, AutoencoderConfig, decode_fp32, encode_fp32
 from gen_lightning.nn.ema import EMA
 
 LOG_2PI = math.log(2 * math.pi)
@@ -44,11 +45,12 @@ def bits_per_dim(nll_nats: torch.Tensor, dims: int) -> torch.Tensor:
     return (nll_nats + dims * math.log(127.5)) / (dims * math.log(2.0))
 
 
-def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of a state dict (names, dtypes, shapes and values): which VAE made a latent (data.latent_source stamps it
-    on every stored latent; latent diffusion refuses latents of another VAE)."""
+def vae_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a VAEModel's state dict (names, dtypes, shapes and values): which VAE made a latent (data.latent_source
+    stamps it on every stored latent; latent diffusion refuses latents of another VAE). Hashed under the key names of
+    checkpoint format 1 (`autoencoder.` for `net.`), so latents encoded before the rename still match."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
+    for name, tensor in sorted(renamed(state, [("net.", "autoencoder.")]).items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -82,6 +84,8 @@ class VAEModel(GenerativeModule):
         channels_last: NHWC memory layout (much faster convolutions on CPU).
     """
 
+    format_1_renames = (("autoencoder.", "net."),)
+
     def __init__(
         self,
         autoencoder: AutoencoderConfig | None = None,
@@ -105,13 +109,14 @@ class VAEModel(GenerativeModule):
         config = AutoencoderConfig.coerce(autoencoder if autoencoder is not None else AutoencoderConfig())
         self.save_hyperparameters()
         self.hparams["autoencoder"] = config.as_dict()  # plain types only: checkpoints load weights-only
-        self.autoencoder = Autoencoder(config)
-        self.ema = EMA(self.autoencoder, max_decay=ema_max_decay, power=ema_power)
+        self.net = Autoencoder(config)
+        self.ema = EMA(self.net, max_decay=ema_max_decay, power=ema_power)
+        # The likelihood's scale, not part of the autoencoder network: first stages (latent diffusion) never need it.
         self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init)))
-        if image_size % self.autoencoder.downsample_factor:
-            raise ValueError(f"image_size {image_size} is not divisible by {self.autoencoder.downsample_factor}")
+        if image_size % self.net.downsample_factor:
+            raise ValueError(f"image_size {image_size} is not divisible by {self.net.downsample_factor}")
         self.image_shape = (config.in_channels, image_size, image_size)
-        self.latent_shape = self.autoencoder.latent_shape(image_size)
+        self.latent_shape = self.net.latent_shape(image_size)
 
     # --- training -------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -138,7 +143,7 @@ class VAEModel(GenerativeModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = self._images(batch)
-        recon, kl, _ = self.terms(self.autoencoder, images)
+        recon, kl, _ = self.terms(self.net, images)
         beta = self.beta_at(self.global_step)
         # Optimised per dimension, so gradient clipping and the lr do not depend on the resolution.
         loss = (recon + beta * kl).mean() / images[0].numel()
@@ -151,7 +156,7 @@ class VAEModel(GenerativeModule):
         return loss
 
     def after_optimizer_step(self, steps_done: int) -> None:
-        self.update_ema(self.ema, self.autoencoder, steps_done)
+        self.update_ema(self.ema, self.net, steps_done)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # A fixed generator per batch: the dequantisation noise and z are the same draws at every evaluation.
@@ -187,14 +192,14 @@ class VAEModel(GenerativeModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [
-            {"params": list(self.autoencoder.parameters())},
+            {"params": list(self.net.parameters())},
             {"params": [self.logvar], "lr": self.hparams.logvar_lr, "weight_decay": 0.0},
         ]
         return self.adamw_with_warmup(groups)
 
     # --- first-stage interface (latent diffusion) -----------------------------------------------------------------
     def _network(self, use_ema: bool) -> Autoencoder:
-        return self.ema.shadow if use_ema else self.autoencoder
+        return self.ema.shadow if use_ema else self.net
 
     @torch.no_grad()
     def encode(
@@ -204,25 +209,17 @@ class VAEModel(GenerativeModule):
         generator: torch.Generator | None = None,
         use_ema: bool = True,
     ) -> torch.Tensor:
-        """Images in [-1, 1] -> latents (posterior mode, or a posterior sample), fp32.
-
-        Autocast is switched off: a VAE in fp16 overflows (a known Stable Diffusion failure), and bf16 loses the
-        precision the latents need, so the first stage always runs in fp32 whatever the caller's precision.
-        """
-        images = images.to(self.device)
-        with torch.autocast(images.device.type, enabled=False):
-            posterior = self._network(use_ema).encode(images.float())
-            return posterior.sample(generator) if sample else posterior.mode()
+        """Images in [-1, 1] -> fp32 latents (posterior mode, or a posterior sample); autocast off (nn.autoencoder)."""
+        return encode_fp32(self._network(use_ema), images.to(self.device), sample, generator)
 
     def fingerprint(self) -> str:
-        """The identity of these weights that pre-encoded latents carry (state_fingerprint)."""
-        return state_fingerprint(self.state_dict())
+        """The identity of these weights that pre-encoded latents carry (vae_fingerprint)."""
+        return vae_fingerprint(self.state_dict())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
-        """Latents -> images clamped to [-1, 1], fp32 (autocast off, as in `encode`)."""
-        with torch.autocast(latents.device.type, enabled=False):
-            return self._network(use_ema).decode(latents.float()).clamp(-1, 1)
+        """Latents -> fp32 images clamped to [-1, 1] (autocast off, as in `encode`)."""
+        return decode_fp32(self._network(use_ema), latents)
 
     @torch.no_grad()
     def sample(

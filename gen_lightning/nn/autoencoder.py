@@ -150,3 +150,22 @@ class Autoencoder(nn.Module):
         """(decoder mean for one posterior sample, posterior)."""
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
+
+
+# The first stage always runs in fp32, whatever the caller's precision: a VAE in fp16 overflows (a known Stable
+# Diffusion failure), and bf16 loses the precision the latents need. Hence autocast off around both directions.
+@torch.no_grad()
+def encode_fp32(
+    autoencoder: Autoencoder, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Images in [-1, 1] -> fp32 latents: the posterior mode, or a posterior sample."""
+    with torch.autocast(images.device.type, enabled=False):
+        posterior = autoencoder.encode(images.float())
+        return posterior.sample(generator) if sample else posterior.mode()
+
+
+@torch.no_grad()
+def decode_fp32(autoencoder: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> fp32 images clamped to [-1, 1]."""
+    with torch.autocast(latents.device.type, enabled=False):
+        return autoencoder.decode(latents.float()).clamp(-1, 1)
