@@ -71,9 +71,12 @@ def caption_losses(model, batch: dict, timesteps: list[int], seed: int) -> dict[
     }
     losses = {}
     for name, variant in variants.items():
-        denoiser = model.denoiser(dict(batch, caption=variant), use_ema=True, training=False)
+        cond = model.condition(dict(batch, caption=variant), training=False)
         per_t = [
-            model.loss_fn.per_sample(denoiser, x0, torch.full((len(captions),), t), noise).mean() for t in timesteps
+            model.loss_fn.per_sample(
+                model.ema.shadow, x0, torch.full((len(captions),), t), noise, extra_args=cond
+            ).mean()
+            for t in timesteps
         ]
         losses[name] = float(torch.stack(per_t).mean())
     losses["caption use"] = 1.0 - losses["own"] / losses["empty"]

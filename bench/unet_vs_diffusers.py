@@ -122,7 +122,7 @@ def our_steps(model: DiffusionModel, n: int, steps: int):
     """`DiffusionModel.sample`'s loop (eval mode, the configured DDIM sampler, the raw UNet) one step at a time."""
     with model.evaluating():
         sampler = model.make_sampler("ddim", None)
-        yield from sample_steps(model.unet, sampler, (n, *model.sample_shape), steps, device=model.device)
+        yield from sample_steps(model.net, sampler, (n, *model.sample_shape), steps, device=model.device)
 
 
 def repeated(step: Callable[[], None], times: int) -> Iterator[None]:
@@ -167,7 +167,7 @@ def main() -> None:
     ns = parser.parse_args()
     torch.manual_seed(0)
     model = ours(ns.size)
-    unet, theirs = model.unet, diffusers_unet(ns.size)
+    unet, theirs = model.net, diffusers_unet(ns.size)
     theirs_cl = diffusers_unet(ns.size).to(memory_format=torch.channels_last)
     if ns.compile:
         for net in (unet, theirs, theirs_cl):

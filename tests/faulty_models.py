@@ -32,7 +32,7 @@ class NaNLossDiffusion(DiffusionModel):
 
     def on_after_backward(self) -> None:
         if self.trainer.global_step in self.inf_grad_steps:
-            last = [p for p in self.unet.parameters() if p.grad is not None][-1]
+            last = [p for p in self.net.parameters() if p.grad is not None][-1]
             last.grad.view(-1)[0] = math.inf
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -15,7 +15,6 @@ from gen_lightning.diffusion import (
     classifier_free_guidance,
     eps_from_v,
     eps_from_x0,
-    guided_model,
     make_sampler,
     q_posterior_mean_variance,
     q_sample,
@@ -313,27 +312,6 @@ def test_cfg_endpoints_and_extrapolation() -> None:
     assert torch.equal(classifier_free_guidance(cond, uncond, 1.0), cond)
     assert torch.equal(classifier_free_guidance(cond, uncond, 0.0), uncond)
     torch.testing.assert_close(classifier_free_guidance(cond, uncond, 7.5), uncond + 7.5 * (cond - uncond))
-
-
-def test_guided_model_one_doubled_forward() -> None:
-    calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-
-    def model(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        calls.append((x.shape[0], t.clone(), ctx.clone()))
-        return x * ctx[:, :1, None, None] + t[:, None, None, None]  # depends on x, t and the context
-
-    x, t = torch.randn(3, 2, 4, 4), torch.tensor([5, 6, 7])
-    cond, null = torch.randn(3, 8), torch.randn(1, 8)  # one shared null embedding, repeated to the batch
-    out = guided_model(model, cond, null, 3.0)(x, t)
-    assert len(calls) == 1 and calls[0][0] == 6
-    assert torch.equal(calls[0][1], torch.cat([t, t]))
-    assert torch.equal(calls[0][2], torch.cat([cond, null.expand(3, 8)]))
-    expected = classifier_free_guidance(model(x, t, cond), model(x, t, null.expand(3, 8)), 3.0)
-    torch.testing.assert_close(out, expected)
-    calls.clear()
-    out1 = guided_model(model, cond, null, 1.0)(x, t)
-    assert len(calls) == 1 and calls[0][0] == 3
-    torch.testing.assert_close(out1, model(x, t, cond))
 
 
 class KeywordNet(torch.nn.Module):

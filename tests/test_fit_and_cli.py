@@ -152,7 +152,7 @@ def test_checkpoint_holds_ema_and_loads_weights_only(tiny_run):
     assert any(key.startswith("ema.shadow.") for key in raw["state_dict"])
     model = load_model(ckpt)
     ema_weight = model.ema.shadow.out_conv.weight
-    assert not torch.equal(ema_weight, model.unet.out_conv.weight)  # EMA differs from the raw weights
+    assert not torch.equal(ema_weight, model.net.out_conv.weight)  # EMA differs from the raw weights
     assert torch.count_nonzero(ema_weight) > 0  # and was trained (the output conv starts at zero)
 
 

@@ -21,7 +21,9 @@ from gen_lightning.models.latent_diffusion import LatentDiffusionModel
 from gen_lightning.models.loading import load_model
 from gen_lightning.models.vae import VAEModel
 from gen_lightning.nn.layers import SpatialAttention
-from gen_lightning.nn.text import TextConfig
+from gen_lightning.nn.text import TextConfig, TextEncoder
+from gen_lightning.nn.text_unet import TextConditionedUNet
+from gen_lightning.nn.unet import UNet
 from gen_lightning.nn.vision import VisionConfig
 from tests.conftest import save_checkpoint, toy_data_args
 from tests.wandb_reader import history
@@ -39,37 +41,39 @@ def tiny_ldm(vae_checkpoint, **kwargs) -> LatentDiffusionModel:
 def test_unet_runs_in_the_vae_latent_space_with_text_cross_attention(tiny_vae_checkpoint):
     model = tiny_ldm(tiny_vae_checkpoint)
     assert model.sample_shape == (4, 8, 8)  # 16 px / f=2, 4 latent channels
-    assert model.unet.config.in_channels == 4 and model.unet.config.context_dim == 16
+    assert model.net.unet.config.in_channels == 4 and model.net.unet.config.context_dim == 16
     assert not any(p.requires_grad for p in model.vae.parameters())
     groups = model.configure_optimizers()["optimizer"].param_groups
-    optimized = {id(p) for group in groups for p in group["params"]}
-    assert optimized.isdisjoint(id(p) for p in model.vae.parameters())
-    assert {id(p) for p in model.text_encoder.parameters()} <= optimized  # the small text transformer trains
+    optimized = [p for group in groups for p in group["params"]]
+    assert {id(p) for p in optimized}.isdisjoint(id(p) for p in model.vae.parameters())
+    # One network, trained whole (the small text transformer too), in the order format-1 checkpoints stored it
+    assert [id(p) for p in optimized] == [id(p) for p in [*model.net.unet.parameters(), *model.net.text.parameters()]]
 
 
 def test_pooled_caption_state_reaches_the_time_embedding(tiny_vae_checkpoint):
     """pooled_text: the EOT token's hidden state of each caption is the UNet's per-sample cond embedding (added to the
     time embedding), so the prediction depends on the caption even with the cross-attention outputs zeroed."""
     model = tiny_ldm(tiny_vae_checkpoint).eval()
-    assert model.unet.cond_proj is not None and model.unet.cond_proj.in_features == 16
+    net = model.net
+    assert net.unet.cond_proj is not None and net.unet.cond_proj.in_features == 16
     seen: list[torch.Tensor] = []
-    model.unet.cond_proj.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    net.unet.cond_proj.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     captions = ["red heart", "blue cat face"]
     x, t = torch.randn(2, *model.sample_shape), torch.tensor([500, 500])
-    model.denoiser({"caption": captions}, use_ema=False, training=False)(x, t)
-    tokens, _ = model.text_encoder.tokenize(captions)
-    expected = model.text_encoder(tokens)[torch.arange(2), torch.tensor([len("red heart"), len(captions[1])]) + 1]
+    net(x, t, **model.condition({"caption": captions}, training=False))
+    tokens, _ = net.text.tokenize(captions)
+    expected = net.text(tokens)[torch.arange(2), torch.tensor([len("red heart"), len(captions[1])]) + 1]
     torch.testing.assert_close(seen[0], expected)
     with torch.no_grad():
-        for p in model.unet.parameters():  # zero-initialised output layers would hide any input: wake them
+        for p in net.unet.parameters():  # zero-initialised output layers would hide any input: wake them
             if not p.any():
                 p.normal_(std=0.1)
-        for module in model.unet.modules():  # then silence the text's other path; the pooled state must still steer
+        for module in net.unet.modules():  # then silence the text's other path; the pooled state must still steer
             if isinstance(module, SpatialAttention) and module.cross_attn is not None:
                 module.cross_attn.out.weight.zero_()
-    outputs = [model.denoiser({"caption": [c] * 2}, use_ema=False, training=False)(x, t) for c in captions]
+    outputs = [net(x, t, **model.condition({"caption": [c] * 2}, training=False)) for c in captions]
     assert not torch.allclose(outputs[0], outputs[1])
-    assert tiny_ldm(tiny_vae_checkpoint, pooled_text=False).unet.cond_proj is None
+    assert tiny_ldm(tiny_vae_checkpoint, pooled_text=False).net.unet.cond_proj is None
 
 
 def test_checkpoint_from_before_pooled_text_loads_without_it(tiny_vae_checkpoint, tmp_path):
@@ -78,7 +82,7 @@ def test_checkpoint_from_before_pooled_text_loads_without_it(tiny_vae_checkpoint
     old._hparams.pop("pooled_text")
     path = save_checkpoint(old, tmp_path / "old.ckpt")
     loaded = load_model(path)
-    assert loaded.unet.cond_proj is None and loaded.hparams.pooled_text is False
+    assert loaded.net.unet.cond_proj is None and loaded.hparams.pooled_text is False
     torch.testing.assert_close(loaded.state_dict(), old.state_dict(), equal_nan=True)  # latent_scale: not yet set
     assert load_model(save_checkpoint(tiny_ldm(tiny_vae_checkpoint), tmp_path / "new.ckpt")).hparams.pooled_text
 
@@ -88,25 +92,30 @@ def test_captions_are_encoded_only_as_long_as_the_longest_one(tiny_vae_checkpoin
     ones the full context gives (causal encoder)."""
     model = tiny_ldm(tiny_vae_checkpoint).eval()
     captions = ["cat", "red heart"]
-    hidden, mask, pooled = model.encode_captions(captions)
+    tokens, _ = model.net.tokenize(captions)
+    hidden, mask, pooled = model.net.encode(tokens)
     assert hidden.shape[1] == mask.shape[1] == len("red heart") + 2  # SOT, bytes, EOT
-    tokens, _ = model.text_encoder.tokenize(captions)
-    full = model.text_encoder(tokens)
+    full = model.net.text(tokens)
     assert tokens.shape[1] == 16 > hidden.shape[1]
     torch.testing.assert_close(hidden[mask], full[:, : hidden.shape[1]][mask])
     torch.testing.assert_close(pooled, full[torch.arange(2), torch.tensor([4, 10])])
 
 
-def test_caption_dropout_rate():
+def test_caption_dropout_rate_in_training_mode_only():
+    """The network drops captions itself (DiT's token_drop): the empty caption's tokens at the configured rate in
+    training mode, none in eval mode (validation, sampling), and exactly the rows asked for when told which."""
     torch.manual_seed(0)
-    model = LatentDiffusionModel.__new__(LatentDiffusionModel)  # only drop_captions: no networks needed
-    torch.nn.Module.__init__(model)
-    model._hparams = type("H", (), {"caption_dropout": 0.25})()
-    dropped = model.drop_captions(["a cat"] * 4000)
-    assert abs(dropped.count("") / 4000 - 0.25) < 0.03
-    assert set(dropped) == {"", "a cat"}
-    model._hparams.caption_dropout = 0.0
-    assert "" not in model.drop_captions(["a cat"] * 1000)
+    text = TextEncoder(TINY_TEXT)
+    net = TextConditionedUNet(UNet({**TINY_UNET, "context_dim": 16}), text, pooled_text=False, caption_dropout=0.25)
+    tokens = net.tokenize(["a cat"] * 4000)[0]
+    empty = net.tokenize([""])[0]
+    out = net.token_drop(tokens)
+    dropped = (out == empty).all(dim=1)
+    assert abs(dropped.float().mean().item() - 0.25) < 0.03
+    assert torch.equal(out[~dropped], tokens[~dropped])  # the others are left as they were
+    assert torch.equal(net.eval().token_drop(tokens), tokens)
+    forced = torch.tensor([True, False, True, False])
+    assert torch.equal((net.token_drop(tokens[:4], forced) == empty).all(dim=1), forced)
 
 
 def test_latent_scale_is_estimated_once_from_data(tiny_vae_checkpoint):
@@ -125,9 +134,9 @@ def test_latent_scale_is_estimated_once_from_data(tiny_vae_checkpoint):
 def test_guidance_zero_is_the_unconditional_sample_and_checkpoint_stands_alone(tiny_vae_checkpoint, tmp_path):
     model = tiny_ldm(tiny_vae_checkpoint, latent_scale=1.0)
     with torch.no_grad():  # make the text matter: an untrained UNet's cross-attention output is zero-initialised
-        for p in model.unet.parameters():
+        for p in model.net.unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-        model.ema.shadow.load_state_dict(model.trained.state_dict())
+        model.ema.copy_from(model.net)
 
     def draw(**kwargs) -> torch.Tensor:
         return model.sample(2, steps=3, generator=torch.Generator().manual_seed(0), **kwargs)
@@ -188,19 +197,22 @@ def test_frozen_clip_text_tower(text, tiny_vae_checkpoint, tiny_clip_checkpoint,
         model = tiny_ldm(tiny_vae_checkpoint, text=text, clip_checkpoint=str(clip_copy), latent_scale=1.0)
     # A `text:` block (configs/ldm_emoji.yaml has one) must not turn the tower into a frozen random encoder.
     assert ("text is ignored" in caplog.text) == (text is not None)
-    assert model.unet.config.context_dim == 24 and model.hparams.text_from_clip
-    assert not any(p.requires_grad for p in model.text_encoder.parameters())
-    torch.testing.assert_close(model.text_encoder.state_dict(), clip.text.state_dict())
-    assert "text" not in model.trained  # neither optimised nor EMA'd
+    assert model.net.unet.config.context_dim == 24 and model.hparams.text_from_clip
+    assert not any(p.requires_grad for p in model.net.text.parameters())
+    torch.testing.assert_close(model.net.text.state_dict(), clip.text.state_dict())
+    groups = model.configure_optimizers()["optimizer"].param_groups
+    optimized = {id(p) for group in groups for p in group["params"]}
+    assert optimized.isdisjoint(id(p) for p in model.net.text.parameters())  # not optimised
+    torch.testing.assert_close(model.ema.shadow.text.state_dict(), clip.text.state_dict())  # the EMA's equal copy
     model.train()
-    assert not model.text_encoder.training and not model.vae.training
+    assert not model.net.text.training and not model.vae.training
 
     # The checkpoint carries the tower: it rebuilds with the CLIP file gone.
     path = save_checkpoint(model, tmp_path / "ldm.ckpt")
     clip_copy.unlink()
     reloaded = load_model(path, expected=LatentDiffusionModel)
-    torch.testing.assert_close(reloaded.text_encoder.state_dict(), clip.text.state_dict())
-    assert not any(p.requires_grad for p in reloaded.text_encoder.parameters())
+    torch.testing.assert_close(reloaded.net.text.state_dict(), clip.text.state_dict())
+    assert not any(p.requires_grad for p in reloaded.net.text.parameters())
 
 
 def tiny_ldm_args(shards: Path, vae_checkpoint: Path, root: Path) -> list[str]:

@@ -161,7 +161,7 @@ def test_nan_stop_policy_errors_after_k_in_a_row_and_keeps_the_last_good_checkpo
     at_4 = torch.load(next((tmp_path / "checkpoints").glob("*step=4.ckpt")), weights_only=True)["state_dict"]
     for name, tensor in state["state_dict"].items():
         assert torch.isfinite(tensor).all() or not tensor.is_floating_point()
-        if name.startswith("unet."):
+        if name.startswith("net."):
             assert torch.equal(tensor, at_4[name]), name
 
 

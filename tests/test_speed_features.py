@@ -35,7 +35,7 @@ def test_compile_and_fused_adamw_switches():
     model = DiffusionModel(unet=TINY | {"context_dim": None}, image_size=8, compile=True, fused_adamw=False)
     names = list(model.state_dict())
     model.configure_model()
-    assert model.unet._compiled_call_impl is not None
+    assert model.net._compiled_call_impl is not None
     assert list(model.state_dict()) == names  # compiled in place: checkpoints keep their keys
     model.trainer = type("T", (), {"estimated_stepping_batches": 10})()  # only read for the cosine schedule
     assert model.configure_optimizers()["optimizer"].defaults["fused"] is False

@@ -21,7 +21,8 @@ from gen_lightning.data.shard_writer import write_shards
 from gen_lightning.errors import UserInputError
 from gen_lightning.metrics.world import MeanVector, WorldMetrics, cursor_hits, cursor_positions, episodes_from, psnr
 from gen_lightning.models.loading import load_model
-from gen_lightning.models.world_model import CHANGE_THRESHOLD, WorldModel, cursor_map
+from gen_lightning.models.world_model import CHANGE_THRESHOLD, WorldModel
+from gen_lightning.nn.world_unet import cursor_map
 from tests.conftest import REPO, WORLD_CONTEXT, WORLD_SIZE
 from tests.test_datamodule import free_port
 from tests.wandb_reader import history
@@ -100,19 +101,19 @@ def test_cursor_map_peaks_at_the_cursor_tip():
 
 
 def test_unet_input_is_noisy_next_plus_context_plus_cursor_channel():
-    assert tiny_world_model().unet.config.in_channels == 3 * (CONTEXT + 1) + 1
+    assert tiny_world_model().net.unet.config.in_channels == 3 * (CONTEXT + 1) + 1
     model = tiny_world_model(click_maps=True)
-    assert model.unet.config.in_channels == 3 * (CONTEXT + 1) + 3
+    assert model.net.unet.config.in_channels == 3 * (CONTEXT + 1) + 3
     frames = torch.zeros(2, CONTEXT, 3, SIZE, SIZE)
     action = torch.stack(
         [encode_action({"x": 0.5, "y": 0.5, "click": 1}), encode_action({"x": 0.5, "y": 0.5, "button": 1})]
     )
-    spatial, cond = model.conditioning(frames, action, torch.zeros(2))
+    spatial, cond = model.net.conditioning(frames, action, torch.zeros(2))
     bump, held, clicked = spatial[:, -3], spatial[:, -2], spatial[:, -1]
     assert torch.equal(clicked[0], bump[0]) and not clicked[1].any()  # a click is drawn where the cursor is
     assert torch.equal(held[1], bump[1]) and not held[0].any()
     assert cond.shape == (2, ACTION_DIM + 1)
-    assert model.unet.config.cond_dim == ACTION_DIM + 1
+    assert model.net.unet.config.cond_dim == ACTION_DIM + 1
 
 
 def test_context_noise_augmentation_only_in_training():
@@ -130,8 +131,8 @@ def test_context_noise_augmentation_only_in_training():
 
 def test_action_changes_the_prediction_and_rollout_feeds_predictions_back():
     model = tiny_world_model()
-    torch.nn.init.normal_(model.unet.out_conv.weight, std=0.1)  # zero-initialised: every action would predict alike
-    model.ema.shadow.load_state_dict(model.unet.state_dict())
+    torch.nn.init.normal_(model.net.unet.out_conv.weight, std=0.1)  # zero-initialised: every action predicts alike
+    model.ema.copy_from(model.net)
     frames = torch.rand(1, CONTEXT, 3, SIZE, SIZE) * 2 - 1
     left = {"x": 0.1, "y": 0.1, "button": 0, "click": 1, "key": ""}
     right = {"x": 0.9, "y": 0.9, "button": 0, "click": 0, "key": "a"}
@@ -193,7 +194,7 @@ def test_change_weight_favours_pixels_that_differ_from_the_newest_context_frame(
 def test_missing_world_members_name_the_recorder():
     model = tiny_world_model()
     with pytest.raises(UserInputError, match="shards ui"):
-        model.denoiser({"image": torch.zeros(1, 3, SIZE, SIZE)}, use_ema=False, training=True)
+        model.condition({"image": torch.zeros(1, 3, SIZE, SIZE)}, training=True)
     with pytest.raises(UserInputError, match="context_frames"):
         model.check_batch({"frames": torch.zeros(1, 3, 3, SIZE, SIZE), "action": torch.zeros(1, ACTION_DIM)})
 

@@ -4,7 +4,7 @@ No Lightning and no network weights: usable from a plain script and testable on 
 """
 
 from gen_lightning.diffusion.forward import q_posterior_mean_variance, q_sample
-from gen_lightning.diffusion.guidance import CFGDenoiser, classifier_free_guidance, guided_model
+from gen_lightning.diffusion.guidance import CFGDenoiser, classifier_free_guidance
 from gen_lightning.diffusion.losses import WEIGHTINGS, DiffusionLoss, min_snr_weight
 from gen_lightning.diffusion.parameterization import (
     PREDICTION_TYPES,
@@ -45,7 +45,6 @@ __all__ = [
     "classifier_free_guidance",
     "eps_from_v",
     "eps_from_x0",
-    "guided_model",
     "make_sampler",
     "min_snr_weight",
     "q_posterior_mean_variance",

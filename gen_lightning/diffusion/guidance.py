@@ -1,6 +1,6 @@
 """Classifier-free guidance (Ho & Salimans 2022)."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,27 +26,6 @@ def _cat_context(cond: Any, uncond: Any) -> Any:
     if isinstance(cond, (list, tuple)):
         return type(cond)(_cat_context(c, u) for c, u in zip(cond, uncond, strict=True))
     raise TypeError(f"cannot batch a context of type {type(cond).__name__}; use tensors (or dicts/lists of them)")
-
-
-def guided_model(
-    model: Callable[..., torch.Tensor], cond: Any, uncond: Any, weight: float
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Turn model(x, t, context) into a guided model(x, t) for the samplers.
-
-    Both branches run as one forward pass of the doubled batch [x; x] with [cond; uncond] (one kernel launch per
-    layer instead of two); with weight == 1 the unconditional branch is skipped since it has no effect.
-    """
-    if weight == 1:
-        return lambda x, t: model(x, t, cond)
-
-    context = _cat_context(cond, uncond)
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model(torch.cat([x, x]), torch.cat([t, t]), context)
-        cond_out, uncond_out = out.chunk(2)
-        return classifier_free_guidance(cond_out, uncond_out, weight)
-
-    return guided
 
 
 class CFGDenoiser(nn.Module):

@@ -30,8 +30,6 @@ class GenerativeModule(L.LightningModule):
     checkpoint_format: ClassVar[int] = 2
     format_1_renames: ClassVar[tuple[Rule, ...]] = ()
     _last_ema_step = -1
-    # Whether FSDP can shard this model: each network must be reachable through one attribute path only.
-    fsdp_ready = True
 
     def adamw_with_warmup(self, params: Iterable[torch.nn.Parameter]) -> dict[str, Any]:
         hp = self.hparams
@@ -148,18 +146,12 @@ class GenerativeModule(L.LightningModule):
 def strategy_problem(model: GenerativeModule, strategy: object) -> str | None:
     """Why `model` cannot train under `strategy`, or None.
 
-    FSDP wraps a module where it first finds it: a network registered under two attributes keeps an unwrapped path
-    (`fsdp_ready = False`). DeepSpeed owns every weight of the module it wraps: with bf16 it casts the EMA copy to
+    DeepSpeed owns every weight of the module it wraps: with bf16 it casts the EMA copy to
     bf16, where the EMA's per-step change (~1e-3 of the gap) rounds away, and ZeRO-3 frees partitioned weights outside
     forward, so the update changes nothing. Either way the EMA weights, which sampling and evaluation use, would
     silently stop following training."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    if isinstance(strategy, FSDPStrategy) and not model.fsdp_ready:
-        return (
-            f"{type(model).__name__} under FSDP is not supported yet: its networks are registered under two attributes "
-            "each, and FSDP wraps only one of the two paths. Train it with configs/trainer/ddp-bf16.yaml."
-        )
     if isinstance(strategy, DeepSpeedStrategy) and any(isinstance(m, EMA) for m in model.modules()):
         return (
             f"{type(model).__name__} keeps an EMA copy of its weights, which DeepSpeed cannot keep (bf16 rounds its "

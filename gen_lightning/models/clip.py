@@ -200,5 +200,5 @@ def load_clip(path: str | Path) -> CLIPNet:
     def build(hparams: dict[str, Any]) -> CLIPNet:
         return CLIPNet(hparams["vision"], hparams["text"], hparams["embed_dim"], hparams["init_logit_scale"])
 
-    network, _ = load_network(path, CLIPModel, build, prefix="net.")
+    network, _, _ = load_network(path, CLIPModel, build, prefix="net.")
     return network  # type: ignore[return-value]

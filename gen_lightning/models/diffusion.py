@@ -1,13 +1,26 @@
-"""DiffusionModel: DDPM training of a UNet on images, DDPM/DDIM sampling from EMA weights."""
+"""DiffusionModel: DDPM training of a UNet on images, DDPM/DDIM sampling from EMA weights.
+
+The model holds one trainable network, `self.net`, called as `net(x_t, t, **cond)`, and its EMA copy: subclasses
+(latent diffusion, the world model) wrap the UNet in a network that takes their conditioning and supply it through
+`condition()`; the loss, the EMA, the samplers and FSDP all see that one module.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from gen_lightning.diffusion import DiffusionLoss, NoiseSchedule, make_sampler, sample_loop
+from gen_lightning.diffusion import (
+    CFGDenoiser,
+    DDIMSampler,
+    DDPMSampler,
+    DiffusionLoss,
+    NoiseSchedule,
+    make_sampler,
+    sample_loop,
+)
 from gen_lightning.models.base import GenerativeModule
 from gen_lightning.nn.ema import EMA
 from gen_lightning.nn.unet import UNet, UNetConfig
@@ -32,7 +45,7 @@ class DiffusionModel(GenerativeModule):
         fused_adamw: AdamW's fused kernel (one kernel for all parameters) instead of the per-tensor loop.
     """
 
-    checkpoint_format = 1  # the UNet is still `unet` here
+    format_1_renames = (("unet.", "net."),)
 
     def __init__(
         self,
@@ -63,17 +76,22 @@ class DiffusionModel(GenerativeModule):
         unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())
         self.save_hyperparameters()
         self.hparams["unet"] = unet_config.as_dict()  # plain types only: checkpoints load weights-only
-        self.unet = UNet(unet_config)
-        self.ema = EMA(self.unet, max_decay=ema_max_decay, power=ema_power)
+        self.net: torch.nn.Module = UNet(unet_config)
+        self.ema = EMA(self.net, max_decay=ema_max_decay, power=ema_power)
         self.schedule = NoiseSchedule.from_name(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
         self.loss_fn = DiffusionLoss(self.schedule, prediction_type, loss_weighting, min_snr_gamma)
         self.make_sampler(sampler)  # fail at construction, not after an hour of training, on a bad sampler setting
         self.sample_shape = (unet_config.in_channels, image_size, image_size)  # what the sampler draws
 
+    def wrap_network(self, net: torch.nn.Module) -> None:
+        """For subclasses: `net` (holding the UNet) becomes the trained network, with a fresh EMA copy of it."""
+        self.net = net
+        self.ema = EMA(net, max_decay=self.hparams.ema_max_decay, power=self.hparams.ema_power)
+
     # --- training -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.hparams.compile and not getattr(self.unet, "_compiled_call_impl", None):
-            self.unet.compile()
+        if self.hparams.compile and not getattr(self.net, "_compiled_call_impl", None):
+            self.net.compile()
 
     def on_fit_start(self) -> None:
         if self.hparams.channels_last:
@@ -88,9 +106,12 @@ class DiffusionModel(GenerativeModule):
         """What the diffusion runs on: the images here, VAE latents in LatentDiffusionModel."""
         return self._images(batch)
 
-    def denoiser(self, batch: dict[str, Any], use_ema: bool, training: bool) -> Callable[..., torch.Tensor]:
-        """model(x_t, t) -> prediction, bound to the batch's conditioning (none here)."""
-        return self.ema.shadow if use_ema else self.unet
+    def condition(
+        self, batch: Mapping[str, Any], training: bool, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """The network's keyword arguments for this batch, `net(x_t, t, **cond)` (none here). `training`: drawn as
+        in training (augmentations on); `generator` for what is drawn otherwise."""
+        return {}
 
     def pixel_weight(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """Per-pixel loss weights (mean 1 per sample), or None for a plain mean over pixels (here)."""
@@ -98,9 +119,8 @@ class DiffusionModel(GenerativeModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = self.diffusion_input(batch)
-        loss = self.loss_fn(
-            self.denoiser(batch, use_ema=False, training=True), x0, pixel_weight=self.pixel_weight(batch)
-        )
+        cond = self.condition(batch, training=True)
+        loss = self.loss_fn(self.net, x0, pixel_weight=self.pixel_weight(batch), extra_args=cond)
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
@@ -108,23 +128,67 @@ class DiffusionModel(GenerativeModule):
         x0 = self.diffusion_input(batch)
         # A fixed generator per batch: val/loss is comparable between evaluations, not re-drawn noise.
         generator = torch.Generator(device=x0.device).manual_seed(1_000_003 * batch_idx + self.global_rank)
-        denoiser = self.denoiser(batch, use_ema=True, training=False)
-        loss = self.loss_fn(denoiser, x0, generator=generator, pixel_weight=self.pixel_weight(batch))
+        cond = self.condition(batch, training=False)
+        loss = self.loss_fn(
+            self.ema.shadow, x0, generator=generator, pixel_weight=self.pixel_weight(batch), extra_args=cond
+        )
         self.log("val/loss", loss, sync_dist=True, batch_size=x0.shape[0])
 
     def after_optimizer_step(self, steps_done: int) -> None:
-        self.update_ema(self.ema, self.unet, steps_done)
+        self.update_ema(self.ema, self.net, steps_done)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return self.adamw_with_warmup(self.unet.parameters())
+        return self.adamw_with_warmup(p for p in self.net.parameters() if p.requires_grad)
 
     # --- sampling -------------------------------------------------------------------------------------------------
-    def make_sampler(self, name: str | None = None, eta: float | None = None):
+    def make_sampler(self, name: str | None = None, eta: float | None = None) -> DDIMSampler | DDPMSampler:
+        """The named sampler (default: the model's) with the model's prediction type and clip_sample; DDIM's eta
+        defaults to the model's."""
         name = name or self.hparams.sampler
         kwargs: dict[str, Any] = {"clip_sample": self.hparams.clip_sample}
         if name == "ddim":
             kwargs["eta"] = self.hparams.eta if eta is None else eta
         return make_sampler(name, self.schedule, self.hparams.prediction_type, **kwargs)
+
+    def resolve_sampler(
+        self, sampler: str | DDIMSampler | DDPMSampler | None, eta: float | None = None
+    ) -> DDIMSampler | DDPMSampler:
+        """A sampler object as given, or one made by name (None: the model's)."""
+        if isinstance(sampler, DDIMSampler | DDPMSampler):
+            return sampler
+        return self.make_sampler(sampler, eta)
+
+    @torch.no_grad()
+    def draw(
+        self,
+        n: int,
+        cond: Mapping[str, Any] | None = None,
+        uncond: Mapping[str, Any] | None = None,
+        *,
+        guidance: float = 1.0,
+        steps: int | None = None,
+        sampler: str | DDIMSampler | DDPMSampler | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """n draws of shape `sample_shape` from x_T ~ N(0, I), in eval mode, by the EMA network called as
+        `net(x_t, t, **cond)`; with `uncond` (the unconditional branch's arguments), classifier-free guided with
+        weight `guidance`."""
+        network = self.ema.shadow if use_ema else self.net
+        denoiser, extra_args = network, dict(cond or {})
+        if uncond is not None:
+            denoiser, extra_args = CFGDenoiser(network, guidance), {"cond": cond, "uncond": uncond}
+        with self.evaluating():
+            return sample_loop(
+                denoiser,
+                self.resolve_sampler(sampler, eta),
+                (n, *self.sample_shape),
+                steps or self.hparams.sample_steps,
+                generator=generator,
+                device=self.device,
+                extra_args=extra_args,
+            )
 
     @torch.no_grad()
     def sample(
@@ -141,26 +205,5 @@ class DiffusionModel(GenerativeModule):
         """n images in [-1, 1], NCHW. cond/guidance exist for the shared interface; this model is unconditional."""
         if cond is not None or guidance != 1.0:
             raise ValueError("DiffusionModel is unconditional: cond and guidance are not supported")
-        return self.run_sampler(
-            self.ema.shadow if use_ema else self.unet, n, steps=steps, sampler=sampler, eta=eta, generator=generator
-        ).clamp(-1, 1)
-
-    def run_sampler(
-        self,
-        model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        n: int,
-        steps: int | None = None,
-        sampler: str | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """n draws of shape `sample_shape` from x_T ~ N(0, I) with the configured (or given) sampler, in eval mode."""
-        with self.evaluating():
-            return sample_loop(
-                model,
-                self.make_sampler(sampler, eta),
-                (n, *self.sample_shape),
-                steps or self.hparams.sample_steps,
-                generator=generator,
-                device=self.device,
-            )
+        drawn = self.draw(n, steps=steps, sampler=sampler, eta=eta, generator=generator, use_ema=use_ema)
+        return drawn.clamp(-1, 1)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
 from gen_lightning.errors import UserInputError
@@ -92,20 +91,6 @@ def model_class(checkpoint: dict[str, Any], path: str | Path = "<checkpoint>") -
     return cls
 
 
-def build_model(cls: type[GenerativeModule], hparams: dict[str, Any]) -> GenerativeModule:
-    """cls(**hparams), with hyper-parameters of its own even when built inside another model's __init__.
-
-    Lightning's save_hyperparameters would otherwise take the outer model's: LightningCLI sets a context variable
-    with the CLI's arguments for the model it instantiates, and without it the frame walk continues into an outer
-    __init__ that called this one directly. A plain function frame (this one) and a cleared context stop both.
-    """
-    token = _given_hyperparameters.set(None)
-    try:
-        return cls(**hparams)
-    finally:
-        _given_hyperparameters.reset(token)
-
-
 def read_model_checkpoint(
     path: str | Path, expected: type[GenerativeModule] | None = None
 ) -> tuple[type[GenerativeModule], dict[str, Any], dict[str, Any]]:
@@ -129,7 +114,7 @@ def load_model(path: str | Path, expected: type[GenerativeModule] | None = None)
     with named_errors(path, cls):
         # The class named in the file with the file's arguments: a file relabelled (or written by another version)
         # fails here or in load_state_dict, with a TypeError / RuntimeError that would not name the file.
-        model = build_model(cls, hparams)
+        model = cls(**hparams)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -144,15 +129,15 @@ def load_network(
     expected: type[GenerativeModule],
     build: Callable[[dict[str, Any]], nn.Module],
     prefix: str,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """One network of a checkpoint without its LightningModule (a frozen part of another model): `build(hparams)`
-    with the state dict's `prefix` entries loaded strictly, frozen, in eval mode. Returns it and the (upgraded) state
-    dict."""
+    with the state dict's `prefix` entries loaded strictly, frozen, in eval mode. Returns it, the checkpoint's
+    hyper-parameters and its (upgraded) state dict."""
     cls, hparams, state_dict = read_model_checkpoint(path, expected)
     with named_errors(path, cls):
         network = build(hparams)
         network.load_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)})
-    return network.requires_grad_(False).eval(), state_dict
+    return network.requires_grad_(False).eval(), hparams, state_dict
 
 
 @contextlib.contextmanager

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ import torch
 from gen_lightning.images import make_grid, psnr, publish_image
 from gen_lightning.models.base import GenerativeModule
 from gen_lightning.models.checkpoint_format import renamed
+from gen_lightning.models.loading import load_network
 from gen_lightning.nn.autoencoder import Autoencoder, AutoencoderConfig, decode_fp32, encode_fp32
 from gen_lightning.nn.ema import EMA
 
@@ -240,3 +243,23 @@ class VAEModel(GenerativeModule):
         with self.evaluating():
             z = torch.randn((n, *self.latent_shape), generator=generator, device=self.device)
             return self.decode(z, use_ema=use_ema)
+
+
+@dataclass(frozen=True)
+class FirstStage:
+    """A trained VAE as latent diffusion's frozen first stage: its autoencoder with the EMA weights (what
+    VAEModel.encode/decode use), its hyper-parameters (to rebuild it without the file) and its fingerprint."""
+
+    autoencoder: Autoencoder
+    config: dict[str, Any]
+    fingerprint: str | None
+
+
+def load_first_stage(path: str | Path) -> FirstStage:
+    """The first stage of a VAEModel checkpoint, weights-only, frozen, in eval mode (no VAEModel is built)."""
+
+    def build(hparams: dict[str, Any]) -> Autoencoder:
+        return Autoencoder(hparams["autoencoder"])
+
+    autoencoder, hparams, state = load_network(path, VAEModel, build, prefix="ema.shadow.")
+    return FirstStage(autoencoder, hparams, vae_fingerprint(state))  # type: ignore[arg-type]

@@ -34,7 +34,7 @@ Batches come from the one ShardDataModule (world-model shards written by `gen-li
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ from gen_lightning.actions import ACTION_DIM, encode_action
 from gen_lightning.errors import UserInputError
 from gen_lightning.models.diffusion import DiffusionModel
 from gen_lightning.nn.unet import UNetConfig
+from gen_lightning.nn.world_unet import WorldUNet
 
 IMAGE_CHANNELS = 3
 # With the noise level, the per-sample conditioning vector fed to the UNet's cond embedding.
@@ -52,17 +53,6 @@ TARGETS = ("delta", "frame")
 # A pixel counts as changed when a channel moves by more than this (images in [-1, 1]: ~10 of 255 levels); PNG frames
 # of the same screen are identical, so any small threshold separates "changed" from "not".
 CHANGE_THRESHOLD = 0.08
-
-
-def cursor_map(action: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
-    """[N, 1, H, W] Gaussian bumps (peak 1) centred on each action's cursor tip pixel (actions.cursor_pixel)."""
-    tip_x = (action[:, 0] * width).floor().clamp(max=width - 1)
-    tip_y = (action[:, 1] * height).floor().clamp(max=height - 1)
-    xs = torch.arange(width, device=action.device, dtype=action.dtype)
-    ys = torch.arange(height, device=action.device, dtype=action.dtype)
-    dx = (xs[None, :] - tip_x[:, None]).pow(2)  # [N, W]
-    dy = (ys[None, :] - tip_y[:, None]).pow(2)  # [N, H]
-    return torch.exp(-(dy[:, :, None] + dx[:, None, :]) / (2 * sigma**2))[:, None]
 
 
 class WorldModel(DiffusionModel):
@@ -77,6 +67,7 @@ class WorldModel(DiffusionModel):
     """
 
     kind = "next-frame"
+    format_1_renames = (("unet.", "net.unet."), ("ema.shadow.", "ema.shadow.unet."))
 
     def __init__(
         self,
@@ -108,6 +99,10 @@ class WorldModel(DiffusionModel):
         unet_config.out_channels = IMAGE_CHANNELS
         unet_config.cond_dim = COND_DIM
         super().__init__(unet=unet_config, image_size=image_size, **kwargs)
+        channels_last = bool(self.hparams.channels_last)
+        self.wrap_network(
+            WorldUNet(self.net, click_maps=click_maps, cursor_sigma=cursor_sigma, channels_last=channels_last)
+        )
         self.sample_shape = (IMAGE_CHANNELS, image_size, image_size)
         # A starting screen stored with the weights (filled from the first batch seen), so `play` needs only the
         # checkpoint. NaN until then.
@@ -129,20 +124,6 @@ class WorldModel(DiffusionModel):
             )
         return frames, action
 
-    def conditioning(
-        self, frames: torch.Tensor, action: torch.Tensor, noise_level: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(channels concatenated to x_t, cond vector) for context frames that already carry `noise_level`."""
-        height, width = self.sample_shape[1:]
-        bump = cursor_map(action, height, width, self.hparams.cursor_sigma).to(frames.dtype)
-        pointer = [bump]
-        if self.hparams.get("click_maps", False):  # absent from checkpoints written before the option existed
-            held, clicked = (action[:, i].to(frames.dtype).view(-1, 1, 1, 1) for i in (2, 3))
-            pointer += [bump * held, bump * clicked]
-        spatial = torch.cat([frames.flatten(1, 2), *pointer], 1)
-        cond = torch.cat([action, noise_level[:, None]], 1).to(frames.dtype)
-        return spatial, cond
-
     def noisy_context(
         self, frames: torch.Tensor, training: bool, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,19 +139,13 @@ class WorldModel(DiffusionModel):
         noise = torch.randn(frames.shape, generator=generator, device=device, dtype=frames.dtype).to(frames.device)
         return frames + levels.view(n, 1, 1, 1, 1).to(frames.dtype) * noise, levels
 
-    def bound_denoiser(
-        self,
-        network: torch.nn.Module,
-        frames: torch.Tensor,
-        action: torch.Tensor,
-        training: bool,
-        generator: torch.Generator | None = None,
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        context, levels = self.noisy_context(frames, training, generator)
-        spatial, cond = self.conditioning(context, action, levels)
-        if self.hparams.channels_last:
-            spatial = spatial.contiguous(memory_format=torch.channels_last)
-        return lambda x, t: network(torch.cat([x, spatial.to(x.dtype)], 1), t, cond=cond)
+    def condition(
+        self, batch: Mapping[str, Any], training: bool, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """WorldUNet's arguments: the context frames with their augmentation noise, the action, the noise level."""
+        frames, action = self.check_batch(batch)
+        noisy, levels = self.noisy_context(frames, training, generator)
+        return {"frames": noisy, "action": action, "noise_level": levels}
 
     # --- DiffusionModel hooks -------------------------------------------------------------------------------------
     def diffusion_input(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -200,10 +175,6 @@ class WorldModel(DiffusionModel):
             return sampled.clamp(-1, 1)
         return (frames[:, -1] + 2 * sampled).clamp(-1, 1)
 
-    def denoiser(self, batch: dict[str, Any], use_ema: bool, training: bool) -> Callable[..., torch.Tensor]:
-        frames, action = self.check_batch(batch)
-        return self.bound_denoiser(self.ema.shadow if use_ema else self.unet, frames, action, training)
-
     def on_fit_start(self) -> None:
         super().on_fit_start()
         data = getattr(self.trainer, "datamodule", None)
@@ -227,10 +198,11 @@ class WorldModel(DiffusionModel):
         a list of action dicts, see gen_lightning.actions)."""
         if not isinstance(action, torch.Tensor):
             action = torch.stack([encode_action(a) for a in action])
-        frames, action = self.check_batch({"frames": frames.to(self.device), "action": action.to(self.device)})
-        network = self.ema.shadow if use_ema else self.unet
-        model = self.bound_denoiser(network, frames, action, training=False, generator=generator)
-        sampled = self.run_sampler(model, frames.shape[0], steps=steps, sampler=sampler, eta=eta, generator=generator)
+        frames = frames.to(self.device)
+        cond = self.condition({"frames": frames, "action": action.to(self.device)}, False, generator)
+        sampled = self.draw(
+            frames.shape[0], cond, steps=steps, sampler=sampler, eta=eta, generator=generator, use_ema=use_ema
+        )
         return self.to_frame(sampled, frames)
 
     @torch.no_grad()

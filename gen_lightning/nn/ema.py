@@ -42,5 +42,13 @@ class EMA(nn.Module):
         self.num_updates += 1
         return decay
 
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        """The shadow becomes an exact copy of `model`'s current weights (sampling from the raw weights)."""
+        for s_param, m_param in zip(self.shadow.parameters(), model.parameters(), strict=True):
+            s_param.copy_(m_param)
+        for s_buf, m_buf in zip(self.shadow.buffers(), model.buffers(), strict=True):
+            s_buf.copy_(m_buf)
+
     def forward(self, *args, **kwargs):
         return self.shadow(*args, **kwargs)
