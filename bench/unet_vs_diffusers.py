@@ -193,7 +193,7 @@ def main() -> None:
     }
     sample_cases: dict[str, Callable[[], None]] = {
         "sample ours (DiffusionModel.sample, DDIM)": lambda: model.sample(
-            ns.batch, steps=ns.sample_steps, sampler="ddim", use_ema=False
+            ns.batch, steps=ns.sample_steps, sampler="ddim"
         ),
         "sample diffusers (DDIMScheduler + UNet2DModel)": scheduler_sampling_fn(
             call_diffusers, theirs, shape, ns.sample_steps, channels_last=False

@@ -210,42 +210,32 @@ def sample_main(args: Sequence[str]) -> None:
 
     import torch
 
+    from gen_lightning.evaluation.generate import generate
     from gen_lightning.images import make_grid, save_image_atomic
     from gen_lightning.models.loading import load_model
-    from gen_lightning.progress import progress
 
     model = load_model(ns.ckpt).to(ns.device)
     apply_clip_sample(model, ns)
-    sampler = ns.sampler or model.hparams.get("sampler")
-    if ns.eta is not None and sampler != "ddim":
-        parser.error(f"--eta is DDIM's noise scale; {ns.ckpt} would sample with {sampler!r}")
     if ns.prompt and model.kind != "text-to-image":
         parser.error(f"--prompt: {ns.ckpt} holds a {type(model).__name__}, which is not text-conditioned")
+    sampler = ns.sampler
+    if ns.eta is not None:  # a setting a sampler's name does not carry: the sampler object itself
+        if (name := ns.sampler or model.sampling_defaults().get("sampler")) != "ddim":
+            parser.error(f"--eta is DDIM's noise scale; {ns.ckpt} would sample with {name!r}")
+        sampler = model.make_sampler("ddim", eta=ns.eta)
+    if ns.no_ema and model.kind != "encoder":
+        model.ema.copy_from(model.net)  # sample() draws from the EMA network: give it the raw weights
     per_prompt = ns.n or 8
     # One row per prompt (prompt-major order); unconditional: a square-ish grid of n.
     prompts = [p for p in ns.prompt for _ in range(per_prompt)] if ns.prompt else None
     total = len(prompts) if prompts else (ns.n or 64)
-    kwargs = {} if ns.guidance is None else {"guidance": ns.guidance}
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
-    chunks = []
-    with progress(total=total, desc="sampling", unit="images") as bar:
-        for start in range(0, total, ns.batch_size):
-            count = min(ns.batch_size, total - start)
-            if prompts:
-                kwargs["cond"] = prompts[start : start + count]
-            chunks.append(
-                model.sample(
-                    count,
-                    steps=ns.steps,
-                    sampler=ns.sampler,
-                    eta=ns.eta,
-                    generator=generator,
-                    use_ema=not ns.no_ema,
-                    **kwargs,
-                )
-            )
-            bar.update(count)
-    path = save_image_atomic(make_grid(torch.cat(chunks), nrow=per_prompt if prompts else None), ns.out)
+    drawn = generate(
+        model, total, prompts, batch_size=ns.batch_size, steps=ns.steps, guidance=ns.guidance, sampler=sampler,
+        generator=generator, desc="sampling",
+    )  # fmt: skip
+    images = torch.cat([batch for batch, _ in drawn])
+    path = save_image_atomic(make_grid(images, nrow=per_prompt if prompts else None), ns.out)
     rows = f"; rows: {', '.join(repr(p) for p in ns.prompt)}" if ns.prompt else ""
     print(f"wrote {path} ({total} samples{rows})")
 

@@ -35,7 +35,7 @@ from gen_lightning.actions import check_action
 from gen_lightning.errors import UserInputError
 from gen_lightning.images import to_uint8
 from gen_lightning.interrupts import sigterm_as_interrupt
-from gen_lightning.models.world_model import WorldModel
+from gen_lightning.models.world_model import NextFrame, WorldModel
 from gen_lightning.play_page import PAGE
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,7 @@ class PlaySession:
     """A world model's autoregressive rollout, one step per action; thread-safe (the HTTP server is threaded but
     there is one model and one context, so steps run one at a time, in arrival order)."""
 
-    def __init__(
-        self, model: WorldModel, steps: int | None = None, seed: int = 0, use_ema: bool = True, scale: int = 6
-    ) -> None:
+    def __init__(self, model: WorldModel, steps: int | None = None, seed: int = 0, scale: int = 6) -> None:
         if not isinstance(model, WorldModel):
             raise UserInputError(f"play needs a WorldModel, got a {type(model).__name__}")
         if steps is not None and steps < 1:
@@ -81,7 +79,6 @@ class PlaySession:
         self.model = model.eval()
         self.steps = steps
         self.seed = seed
-        self.use_ema = use_ema
         self.scale = scale
         self.generator = torch.Generator(device=model.device)
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LIMIT)
@@ -106,9 +103,7 @@ class PlaySession:
         checked = check_action(action, where)  # before the lock: a bad request never waits for the model
         with self._lock:
             start = time.perf_counter()
-            frame = self.model.predict_next(
-                self.context, [checked], steps=self.steps, generator=self.generator, use_ema=self.use_ema
-            )
+            frame = self.model.sample(1, NextFrame(self.context, [checked]), steps=self.steps, generator=self.generator)
             self.context = torch.cat([self.context[:, 1:], frame[:, None]], 1)
             self.step_count += 1
             self.history.append({"step": self.step_count, **checked})
@@ -145,7 +140,9 @@ def load_session(
             f"checkpoint {str(ckpt)!r} has no start screen (WorldModel.start_frames is filled by the first training "
             "batch): use a checkpoint saved after at least one training step"
         )
-    return PlaySession(model.to(device), steps=steps, seed=seed, use_ema=use_ema, scale=scale)
+    if not use_ema:  # the raw weights: copied into the network sample() uses
+        model.ema.copy_from(model.net)
+    return PlaySession(model.to(device), steps=steps, seed=seed, scale=scale)
 
 
 # --- HTTP -------------------------------------------------------------------------------------------------------------

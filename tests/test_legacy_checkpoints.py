@@ -12,6 +12,7 @@ import torch
 from gen_lightning.cli import main
 from gen_lightning.models.clip import load_clip
 from gen_lightning.models.loading import load_model
+from gen_lightning.models.world_model import NextFrame
 
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
 REPO = LEGACY.parents[2]
@@ -46,7 +47,8 @@ def test_the_fixtures_are_what_their_readme_says():
 def test_legacy_diffusion_samples_as_before(expected):
     model = load_model(LEGACY / "ddpm.ckpt")
     close(model.sample(2, steps=2, generator=seeded()), expected["ddpm/sample"])
-    close(model.sample(2, steps=2, generator=seeded(), use_ema=False), expected["ddpm/sample_raw"])
+    model.ema.copy_from(model.net)  # `sample --no-ema`: the raw weights
+    close(model.sample(2, steps=2, generator=seeded()), expected["ddpm/sample_raw"])
 
 
 @torch.no_grad()
@@ -76,7 +78,7 @@ def test_legacy_world_model_predicts_and_rolls_out_as_before(expected):
     model = load_model(LEGACY / "world.ckpt")
     frames, actions = expected["inputs/frames"], expected["inputs/actions"]
     close(model.start_context(2), frames)
-    close(model.predict_next(frames, actions[:, 0], steps=2, generator=seeded()), expected["world/next"])
+    close(model.sample(2, NextFrame(frames, actions[:, 0]), steps=2, generator=seeded()), expected["world/next"])
     close(model.rollout(frames, actions, steps=2, generator=seeded()), expected["world/rollout"])
 
 

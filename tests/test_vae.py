@@ -140,7 +140,7 @@ def test_sample_rejects_conditioning():
     with pytest.raises(ValueError, match="unconditional"):
         model.sample(2, guidance=3.0)
     gen = torch.Generator().manual_seed(0)
-    images = model.sample(2, steps=5, sampler="ddim", eta=0.0, generator=gen)  # shared-interface args are accepted
+    images = model.sample(2, steps=5, sampler="ddim", generator=gen)  # the shared interface's arguments are accepted
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
 
 

@@ -21,7 +21,7 @@ from gen_lightning.data.shard_writer import write_shards
 from gen_lightning.errors import UserInputError
 from gen_lightning.metrics.world import MeanVector, WorldMetrics, cursor_hits, cursor_positions, episodes_from, psnr
 from gen_lightning.models.loading import load_model
-from gen_lightning.models.world_model import CHANGE_THRESHOLD, WorldModel
+from gen_lightning.models.world_model import CHANGE_THRESHOLD, NextFrame, WorldModel
 from gen_lightning.nn.world_unet import cursor_map
 from tests.conftest import REPO, WORLD_CONTEXT, WORLD_SIZE
 from tests.test_datamodule import free_port
@@ -138,7 +138,7 @@ def test_action_changes_the_prediction_and_rollout_feeds_predictions_back():
     right = {"x": 0.9, "y": 0.9, "button": 0, "click": 0, "key": "a"}
 
     def predict(context, action):
-        return model.predict_next(context, [action], generator=torch.Generator().manual_seed(0))
+        return model.sample(1, NextFrame(context, [action]), generator=torch.Generator().manual_seed(0))
 
     assert not torch.allclose(predict(frames, left), predict(frames, right))
     actions = torch.stack([encode_action(left), encode_action(right)])[None]
@@ -146,8 +146,8 @@ def test_action_changes_the_prediction_and_rollout_feeds_predictions_back():
     first = predict(frames, left)
     # The generator is shared across the two steps of the rollout: replay the same draws by hand.
     generator = torch.Generator().manual_seed(0)
-    step1 = model.predict_next(frames, [left], generator=generator)
-    step2 = model.predict_next(torch.cat([frames[:, 1:], step1[:, None]], 1), [right], generator=generator)
+    step1 = model.sample(1, NextFrame(frames, [left]), generator=generator)
+    step2 = model.sample(1, NextFrame(torch.cat([frames[:, 1:], step1[:, None]], 1), [right]), generator=generator)
     assert torch.allclose(rolled[:, 0], first) and torch.allclose(rolled[:, 1], step2)
 
     # The sampler reaches every rollout step (WorldModelEvaluation and `evaluate --sampler` rely on it).
@@ -155,7 +155,9 @@ def test_action_changes_the_prediction_and_rollout_feeds_predictions_back():
         return model.rollout(frames, actions[:, :1], steps=3, generator=torch.Generator().manual_seed(0), **sampling)
 
     ddpm = one_step_rollout(sampler="ddpm")
-    by_hand = model.predict_next(frames, [left], steps=3, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    by_hand = model.sample(
+        1, NextFrame(frames, [left]), steps=3, sampler="ddpm", generator=torch.Generator().manual_seed(0)
+    )
     assert torch.allclose(ddpm[:, 0], by_hand) and not torch.allclose(ddpm, one_step_rollout(sampler="ddim"))
 
 

@@ -31,8 +31,11 @@ def generate(
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
             batch_prompts = cycled(prompts, start, count) if prompts else None
-            options = {"steps": steps, "sampler": sampler, "generator": generator}
-            if guidance is not None:  # until every model takes guidance=None as "its default" (the sample contract)
-                options["guidance"] = guidance
+            options = {"steps": steps, "guidance": guidance, "sampler": sampler, "generator": generator}
             yield model.sample(count, batch_prompts, **options), batch_prompts
             bar.update(count)
+
+
+def resolved_settings(model: Any, **requested: Any) -> dict[str, Any]:
+    """The sampling settings as used, for reports: each requested one, or the model's default where it is None."""
+    return {**model.sampling_defaults(), **{name: value for name, value in requested.items() if value is not None}}

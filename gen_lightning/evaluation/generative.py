@@ -10,7 +10,7 @@ from PIL import Image
 
 from gen_lightning.distributed import rank_count
 from gen_lightning.evaluation.encoders import clip_score_for
-from gen_lightning.evaluation.generate import generate
+from gen_lightning.evaluation.generate import generate, resolved_settings
 from gen_lightning.evaluation.reference import FIDAgainstReference, Reference, val_captions
 from gen_lightning.metrics.clip_score import CLIPScore
 
@@ -85,12 +85,5 @@ class GenerativeEvaluator:
 
     def report(self, model: Any) -> dict[str, Any]:
         """What the numbers were measured with (the settings resolved to the model's defaults)."""
-        hparams, guidance = model.hparams, self.sampling["guidance"]
-        return {
-            **self.fid.report(),
-            **({"clip": self.clip} if self.clip_score is not None else {}),
-            "sampler": self.sampling["sampler"] or hparams.sampler,
-            "steps": self.sampling["steps"] or hparams.sample_steps,
-            "clip_sample": hparams.get("clip_sample"),
-            "guidance": hparams.get("guidance", 1.0) if guidance is None else guidance,
-        }
+        clip = {"clip": self.clip} if self.clip_score is not None else {}
+        return {**self.fid.report(), **clip, **resolved_settings(model, **self.sampling)}

@@ -12,9 +12,11 @@ from PIL import Image
 
 from gen_lightning.distributed import rank_count
 from gen_lightning.errors import UserInputError
+from gen_lightning.evaluation.generate import resolved_settings
 from gen_lightning.evaluation.reference import FIDAgainstReference, Reference
 from gen_lightning.images import make_grid
 from gen_lightning.metrics.world import WorldMetrics, episodes_from
+from gen_lightning.models.world_model import NextFrame
 from gen_lightning.progress import progress
 
 
@@ -102,7 +104,9 @@ class WorldEvaluator:
                     break
                 n = min(len(batch["image"]), num_samples - seen, self.batch_size)
                 frames, real = batch["frames"][:n].to(model.device), batch["image"][:n].to(model.device)
-                predicted = model.predict_next(frames, batch["action"][:n], generator=generator, **self.sampling)
+                predicted = model.sample(
+                    n, NextFrame(frames, batch["action"][:n]), generator=generator, **self.sampling
+                )
                 self.metrics.update_one_step(predicted, real, frames[:, -1])
                 if self.fid is not None:
                     self.fid.update(predicted)
@@ -128,12 +132,6 @@ class WorldEvaluator:
         return {"real": episodes["real"], "predicted": predicted.cpu()}
 
     def report(self, model: Any) -> dict[str, Any]:
-        hparams = model.hparams
-        return {
-            **(self.fid.report() if self.fid is not None else {}),
-            "rollouts": self.rollouts,
-            "rollout_steps": self.rollout_steps,
-            "sampler": self.sampling["sampler"] or hparams.sampler,
-            "steps": self.sampling["steps"] or hparams.sample_steps,
-            "clip_sample": hparams.get("clip_sample"),
-        }
+        fid = self.fid.report() if self.fid is not None else {}
+        rollouts = {"rollouts": self.rollouts, "rollout_steps": self.rollout_steps}
+        return {**fid, **rollouts, **resolved_settings(model, **self.sampling)}

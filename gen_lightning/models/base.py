@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 
+from gen_lightning.diffusion import DDIMSampler, DDPMSampler
 from gen_lightning.errors import UserInputError
 from gen_lightning.models.checkpoint_format import Rule, renamed, upgrade
 from gen_lightning.nn.ema import EMA
@@ -119,10 +120,25 @@ class GenerativeModule(L.LightningModule):
             for module, mode in modes.items():
                 module.training = mode
 
-    def sample(self, n: int, cond: Any = None, steps: int | None = None, guidance: float = 1.0, **kwargs: Any):
-        """n images in [-1, 1], NCHW: the one generation interface (CLI, callbacks, tests). Models that do not
-        generate (CLIP) keep this error."""
+    def sample(
+        self,
+        n: int,
+        cond: Any = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        sampler: str | DDIMSampler | DDPMSampler | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """n images in [-1, 1], NCHW: the one generation interface (CLI, evaluation, callbacks, tests). None means
+        the model's default (sampling_defaults). `cond` is typed by the model's kind: None for "image", prompts for
+        "text-to-image", a NextFrame for "next-frame". `sampler`: a name, or a sampler object for settings a name
+        does not carry (DDIM's eta). Models that do not generate (CLIP) keep this error."""
         raise TypeError(f"{type(self).__name__} does not generate images (it has no sample())")
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """What sample()'s settings left None resolve to (reports say what numbers were measured with)."""
+        return {}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)

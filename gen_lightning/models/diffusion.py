@@ -150,13 +150,16 @@ class DiffusionModel(GenerativeModule):
             kwargs["eta"] = self.hparams.eta if eta is None else eta
         return make_sampler(name, self.schedule, self.hparams.prediction_type, **kwargs)
 
-    def resolve_sampler(
-        self, sampler: str | DDIMSampler | DDPMSampler | None, eta: float | None = None
-    ) -> DDIMSampler | DDPMSampler:
+    def resolve_sampler(self, sampler: str | DDIMSampler | DDPMSampler | None) -> DDIMSampler | DDPMSampler:
         """A sampler object as given, or one made by name (None: the model's)."""
         if isinstance(sampler, DDIMSampler | DDPMSampler):
             return sampler
-        return self.make_sampler(sampler, eta)
+        return self.make_sampler(sampler)
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        hparams = self.hparams
+        eta = {"eta": hparams.eta} if hparams.sampler == "ddim" else {}
+        return {"sampler": hparams.sampler, "steps": hparams.sample_steps, **eta, "clip_sample": hparams.clip_sample}
 
     @torch.no_grad()
     def draw(
@@ -168,21 +171,18 @@ class DiffusionModel(GenerativeModule):
         guidance: float = 1.0,
         steps: int | None = None,
         sampler: str | DDIMSampler | DDPMSampler | None = None,
-        eta: float | None = None,
         generator: torch.Generator | None = None,
-        use_ema: bool = True,
     ) -> torch.Tensor:
         """n draws of shape `sample_shape` from x_T ~ N(0, I), in eval mode, by the EMA network called as
         `net(x_t, t, **cond)`; with `uncond` (the unconditional branch's arguments), classifier-free guided with
-        weight `guidance`."""
-        network = self.ema.shadow if use_ema else self.net
-        denoiser, extra_args = network, dict(cond or {})
+        weight `guidance`. (Sampling from the raw weights: `ema.copy_from(net)` first.)"""
+        denoiser, extra_args = self.ema.shadow, dict(cond or {})
         if uncond is not None:
-            denoiser, extra_args = CFGDenoiser(network, guidance), {"cond": cond, "uncond": uncond}
+            denoiser, extra_args = CFGDenoiser(self.ema.shadow, guidance), {"cond": cond, "uncond": uncond}
         with self.evaluating():
             return sample_loop(
                 denoiser,
-                self.resolve_sampler(sampler, eta),
+                self.resolve_sampler(sampler),
                 (n, *self.sample_shape),
                 steps or self.hparams.sample_steps,
                 generator=generator,
@@ -194,16 +194,14 @@ class DiffusionModel(GenerativeModule):
     def sample(
         self,
         n: int,
-        cond: Any = None,
+        cond: None = None,
+        *,
         steps: int | None = None,
-        guidance: float = 1.0,
-        sampler: str | None = None,
-        eta: float | None = None,
+        guidance: float | None = None,
+        sampler: str | DDIMSampler | DDPMSampler | None = None,
         generator: torch.Generator | None = None,
-        use_ema: bool = True,
     ) -> torch.Tensor:
-        """n images in [-1, 1], NCHW. cond/guidance exist for the shared interface; this model is unconditional."""
-        if cond is not None or guidance != 1.0:
-            raise ValueError("DiffusionModel is unconditional: cond and guidance are not supported")
-        drawn = self.draw(n, steps=steps, sampler=sampler, eta=eta, generator=generator, use_ema=use_ema)
-        return drawn.clamp(-1, 1)
+        """n images in [-1, 1], NCHW (GenerativeModule.sample). Unconditional: no cond, no guidance."""
+        if cond is not None or guidance is not None:
+            raise ValueError(f"{type(self).__name__} is unconditional: sample() takes no cond and no guidance")
+        return self.draw(n, steps=steps, sampler=sampler, generator=generator).clamp(-1, 1)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gen_lightning.diffusion import DDIMSampler, DDPMSampler
 from gen_lightning.models.checkpoint_format import renamed
 from gen_lightning.models.clip import load_clip
 from gen_lightning.models.diffusion import DiffusionModel
@@ -210,31 +211,29 @@ class LatentDiffusionModel(DiffusionModel):
         prompts = list(prompts) if prompts else list(self.hparams.sample_prompts)
         return [prompts[i % len(prompts)] for i in range(n)]
 
+    def sampling_defaults(self) -> dict[str, Any]:
+        return {**super().sampling_defaults(), "guidance": self.hparams.guidance}
+
     @torch.no_grad()
     def sample(
         self,
         n: int,
         cond: str | Sequence[str] | None = None,
+        *,
         steps: int | None = None,
         guidance: float | None = None,
-        sampler: str | None = None,
-        eta: float | None = None,
+        sampler: str | DDIMSampler | DDPMSampler | None = None,
         generator: torch.Generator | None = None,
-        use_ema: bool = True,
     ) -> torch.Tensor:
-        """n images in [-1, 1] for the prompts `cond` (cycled to n; default sample_prompts), with CFG weight
-        `guidance` (default: the model's) and the configured sampler."""
+        """n images in [-1, 1] for the prompts `cond` (cycled to n; None: sample_prompts) with CFG weight `guidance`
+        (None: the model's; any float, 1 for plain conditional samples) (GenerativeModule.sample)."""
         if not torch.isfinite(self.latent_scale):
             raise RuntimeError("latent_scale is not set: train at least one step or pass model.latent_scale")
-        network = self.ema.shadow if use_ema else self.net
         with self.evaluating():
             # One encoding for the prompts and the empty caption, so both contexts have the same (trimmed) length.
-            hidden, mask, pooled = network.encode(self.tokenize([*self.prompts_for(n, cond), ""]))
+            hidden, mask, pooled = self.ema.shadow.encode(self.tokenize([*self.prompts_for(n, cond), ""]))
             prompts = {"context": (hidden[:-1], mask[:-1], pooled[:-1])}
             empty = {"context": (hidden[-1:], mask[-1:], pooled[-1:])}
             weight = self.hparams.guidance if guidance is None else guidance
-            latents = self.draw(
-                n, prompts, empty, guidance=weight, steps=steps, sampler=sampler, eta=eta, generator=generator,
-                use_ema=use_ema,
-            )  # fmt: skip
+            latents = self.draw(n, prompts, empty, guidance=weight, steps=steps, sampler=sampler, generator=generator)
             return decode_fp32(self.vae, latents / self.latent_scale)

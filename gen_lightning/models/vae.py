@@ -228,21 +228,20 @@ class VAEModel(GenerativeModule):
     def sample(
         self,
         n: int,
-        cond: Any = None,
+        cond: None = None,
+        *,
         steps: int | None = None,
-        guidance: float = 1.0,
-        sampler: str | None = None,
-        eta: float | None = None,
+        guidance: float | None = None,
+        sampler: Any = None,
         generator: torch.Generator | None = None,
-        use_ema: bool = True,
     ) -> torch.Tensor:
-        """n images in [-1, 1] decoded from prior draws z ~ N(0, I). steps/sampler/eta exist for the shared
-        interface and are ignored (decoding is one pass); this model is unconditional."""
-        if cond is not None or guidance != 1.0:
-            raise ValueError("VAEModel is unconditional: cond and guidance are not supported")
+        """n images in [-1, 1] decoded from prior draws z ~ N(0, I) (GenerativeModule.sample). Decoding is one pass:
+        `steps` and `sampler` are accepted and ignored; unconditional: no cond, no guidance."""
+        if cond is not None or guidance is not None:
+            raise ValueError("VAEModel is unconditional: sample() takes no cond and no guidance")
         with self.evaluating():
             z = torch.randn((n, *self.latent_shape), generator=generator, device=self.device)
-            return self.decode(z, use_ema=use_ema)
+            return self.decode(z)
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from gen_lightning.actions import ACTION_DIM, encode_action
+from gen_lightning.diffusion import DDIMSampler, DDPMSampler
 from gen_lightning.errors import UserInputError
 from gen_lightning.models.diffusion import DiffusionModel
 from gen_lightning.nn.unet import UNetConfig
@@ -53,6 +55,20 @@ TARGETS = ("delta", "frame")
 # A pixel counts as changed when a channel moves by more than this (images in [-1, 1]: ~10 of 255 levels); PNG frames
 # of the same screen are identical, so any small threshold separates "changed" from "not".
 CHANGE_THRESHOLD = 0.08
+
+
+@dataclass(frozen=True)
+class NextFrame:
+    """What a world model's next frame is conditioned on (sample's `cond`): context frames [n, K, 3, H, W] in
+    [-1, 1], oldest first, and each one's action: encoded [n, A], or action dicts (see gen_lightning.actions)."""
+
+    frames: torch.Tensor
+    action: torch.Tensor | Sequence[Mapping[str, Any]]
+
+    def encoded_action(self) -> torch.Tensor:
+        if isinstance(self.action, torch.Tensor):
+            return self.action
+        return torch.stack([encode_action(action) for action in self.action])
 
 
 class WorldModel(DiffusionModel):
@@ -184,25 +200,32 @@ class WorldModel(DiffusionModel):
 
     # --- generation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_next(
+    def sample(
         self,
-        frames: torch.Tensor,
-        action: torch.Tensor | Sequence[Mapping[str, Any]],
+        n: int,
+        cond: NextFrame | None = None,
+        *,
         steps: int | None = None,
-        sampler: str | None = None,
-        eta: float | None = None,
+        guidance: float | None = None,
+        sampler: str | DDIMSampler | DDPMSampler | None = None,
         generator: torch.Generator | None = None,
-        use_ema: bool = True,
     ) -> torch.Tensor:
-        """Next frames [N, 3, H, W] in [-1, 1] for context frames [N, K, 3, H, W] and actions (encoded [N, A], or
-        a list of action dicts, see gen_lightning.actions)."""
-        if not isinstance(action, torch.Tensor):
-            action = torch.stack([encode_action(a) for a in action])
-        frames = frames.to(self.device)
-        cond = self.condition({"frames": frames, "action": action.to(self.device)}, False, generator)
-        sampled = self.draw(
-            frames.shape[0], cond, steps=steps, sampler=sampler, eta=eta, generator=generator, use_ema=use_ema
+        """n next frames [n, 3, H, W] in [-1, 1] after `cond` (context frames and actions); None: the stored start
+        screen with the cursor resting at the centre (GenerativeModule.sample). No guidance. The context noise (at
+        sample_context_noise) is drawn from `generator` before x_T."""
+        if guidance is not None:
+            raise ValueError("WorldModel has no classifier-free guidance: sample() takes no guidance")
+        if cond is None:
+            cond = NextFrame(self.start_context(n), [NULL_ACTION] * n)
+        if not isinstance(cond, NextFrame):
+            raise TypeError(f"WorldModel.sample(cond=...) takes a NextFrame, got a {type(cond).__name__}")
+        frames = cond.frames.to(self.device)
+        if frames.shape[0] != n:
+            raise ValueError(f"sample({n}, cond): cond holds {frames.shape[0]} contexts")
+        network_cond = self.condition(
+            {"frames": frames, "action": cond.encoded_action().to(self.device)}, False, generator
         )
+        sampled = self.draw(n, network_cond, steps=steps, sampler=sampler, generator=generator)
         return self.to_frame(sampled, frames)
 
     @torch.no_grad()
@@ -210,18 +233,18 @@ class WorldModel(DiffusionModel):
         self,
         frames: torch.Tensor,
         actions: torch.Tensor,
+        *,
         steps: int | None = None,
+        sampler: str | DDIMSampler | DDPMSampler | None = None,
         generator: torch.Generator | None = None,
-        use_ema: bool = True,
-        sampler: str | None = None,
-        eta: float | None = None,
     ) -> torch.Tensor:
         """Autoregressive rollout: [N, T, 3, H, W] frames for actions [N, T, A], each step's prediction appended to
-        the context of the next (the first context is `frames` [N, K, 3, H, W]). Sampling options as predict_next."""
+        the context of the next (the first context is `frames` [N, K, 3, H, W]). Sampling options as sample()."""
         context, predicted = frames, []
-        sampling = {"steps": steps, "sampler": sampler, "eta": eta, "generator": generator, "use_ema": use_ema}
         for step in range(actions.shape[1]):
-            frame = self.predict_next(context, actions[:, step], **sampling)
+            frame = self.sample(
+                len(frames), NextFrame(context, actions[:, step]), steps=steps, sampler=sampler, generator=generator
+            )
             predicted.append(frame)
             context = torch.cat([context[:, 1:], frame[:, None]], 1)
         return torch.stack(predicted, 1)
@@ -231,25 +254,3 @@ class WorldModel(DiffusionModel):
         if not torch.isfinite(self.start_frames).all():
             raise RuntimeError("this WorldModel has no start frames yet: train at least one step")
         return self.start_frames.expand(n, *self.start_frames.shape).clone()
-
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        cond: Mapping[str, Any] | None = None,
-        steps: int | None = None,
-        guidance: float = 1.0,
-        sampler: str | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | None = None,
-        use_ema: bool = True,
-    ) -> torch.Tensor:
-        """The shared interface: n next frames for cond = {"frames": [n, K, 3, H, W], "action": [n, A] or dicts};
-        without cond, from the stored start screen with the cursor resting at the centre."""
-        if guidance != 1.0:
-            raise ValueError("WorldModel has no classifier-free guidance: guidance must be 1")
-        if cond is None:
-            cond = {"frames": self.start_context(n), "action": [NULL_ACTION] * n}
-        return self.predict_next(
-            cond["frames"], cond["action"], steps=steps, sampler=sampler, eta=eta, generator=generator, use_ema=use_ema
-        )
