@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
 
 from gen_lightning.cli import main
-from tests.conftest import REPO, tiny_fit_args, toy_data_args
+from tests.conftest import REPO, save_checkpoint, tiny_fit_args, toy_data_args
 from tests.test_datamodule import free_port
 
 PRESETS = sorted(p.stem for p in (REPO / "configs" / "trainer").glob("*.yaml"))
@@ -99,9 +99,12 @@ TINY_CLIP = [
 
 @needs_gpu
 @pytest.mark.parametrize("preset", ["ddp-bf16", "fsdp", "deepspeed-zero2", "deepspeed-zero3"])
-def test_gpu_fit_with_preset(preset, toy_shards, tmp_path):
-    """A real bf16 fit on one GPU; a subprocess, so DeepSpeed/NCCL state does not leak. The diffusion config under
-    DDP and FSDP; under DeepSpeed, CLIP (no EMA), and the diffusion config must be refused with the reason."""
+def test_gpu_fit_with_preset(preset, toy_shards, tmp_path, tiny_vae_checkpoint):
+    """A real bf16 fit on one GPU; a subprocess, so DeepSpeed/NCCL state does not leak. The diffusion and latent
+    diffusion configs under DDP and FSDP; under DeepSpeed, CLIP (no EMA), and the diffusion config must be refused
+    with the reason."""
+    from tests.test_latent_diffusion import tiny_ldm_args
+
     preset_file = str(REPO / "configs" / "trainer" / f"{preset}.yaml")
     common = ["--config", preset_file, "--trainer.devices=1", "--trainer.max_steps=20", "--trainer.logger=false",
               "--trainer.callbacks=[]"]  # fmt: skip
@@ -119,6 +122,11 @@ def test_gpu_fit_with_preset(preset, toy_shards, tmp_path):
     else:
         assert diffusion.returncode == 0, diffusion.stdout[-3000:] + diffusion.stderr[-3000:]
         assert (tmp_path / "diffusion" / "checkpoints" / "last.ckpt").exists()
+        latent = fit(
+            [*tiny_ldm_args(toy_shards, tiny_vae_checkpoint, tmp_path / "ldm"), "--trainer.limit_val_batches=2"]
+        )
+        assert latent.returncode == 0, latent.stdout[-3000:] + latent.stderr[-3000:]
+        assert (tmp_path / "ldm" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_bf16_mixed_fit_with_gradient_clipping_on_cpu(toy_shards, tmp_path):
@@ -131,19 +139,46 @@ def test_bf16_mixed_fit_with_gradient_clipping_on_cpu(toy_shards, tmp_path):
     assert state["optimizer_states"][0]["param_groups"][0]["fused"] is False
 
 
-@pytest.mark.timeout(300)
-def test_fsdp_preset_trains_the_unet_and_its_ema_like_one_process(tmp_path):
-    """configs/trainer/fsdp.yaml's wrapping, on 2 CPU ranks (gloo): UNet layers wrapped in FSDP units still get their
-    embedding and context, each rank's EMA update pairs its own slices of the network and of the EMA copy, and the
-    weights, the EMA and the EMA copy's denoising output equal the same steps in one process."""
-    out = tmp_path / "fsdp.json"
+@pytest.fixture(scope="module")
+def fsdp_reports(tmp_path_factory, tiny_vae_checkpoint) -> dict[str, dict]:
+    """tests/fsdp_probe.py on 2 CPU ranks (gloo), once for the tests below: its report per model."""
+    from tests.test_clip import tiny_clip
+
+    root = tmp_path_factory.mktemp("fsdp")
+    clip = save_checkpoint(tiny_clip(), root / "clip.ckpt")
+    out = root / "fsdp.json"
     probe = [sys.executable, str(REPO / "tests" / "fsdp_probe.py"), str(out), str(free_port())]
-    subprocess.run(probe, check=True, timeout=280, cwd=REPO)
-    report = json.loads(out.read_text())
+    subprocess.run([*probe, str(tiny_vae_checkpoint), str(clip)], check=True, timeout=280, cwd=REPO)
+    return json.loads(out.read_text())
+
+
+def trained_like_one_process(report: dict) -> None:
     assert report["missing"] == []
     assert report["ema_moved"] > 1e-4  # two (clipped) updates really changed the EMA copy
     assert report["max_weight_diff"] < 1e-5 and report["max_ema_diff"] < 1e-5
     assert report["max_output_diff"] < 1e-4
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_preset_trains_the_unet_and_its_ema_like_one_process(fsdp_reports):
+    """configs/trainer/fsdp.yaml's wrapping, on 2 CPU ranks (gloo): UNet layers wrapped in FSDP units still get their
+    embedding and context, each rank's EMA update pairs its own slices of the network and of the EMA copy, and the
+    weights, the EMA and the EMA copy's denoising output equal the same steps in one process."""
+    trained_like_one_process(fsdp_reports["unet"])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("text", ["ldm_text", "ldm_clip"])
+def test_fsdp_preset_trains_latent_diffusion_like_one_process(text, fsdp_reports):
+    """A whole LatentDiffusionModel under the preset's wrapping: its one network (UNet + text encoder, trainable or
+    CLIP's frozen tower) and EMA copy trained with clipped steps, the frozen VAE encoder called inside the root
+    forward and its decoder when sampling, guided samples drawn on every rank: weights, EMA and samples equal one
+    process's, and nothing frozen moved."""
+    report = fsdp_reports[text]
+    trained_like_one_process(report)
+    frozen = [key for key in report if key.startswith("frozen_diff")]
+    assert len(frozen) == (1 if text == "ldm_text" else 3)
+    assert all(report[key] == 0.0 for key in frozen), report
 
 
 @pytest.mark.parametrize("preset", PRESETS)
