@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from gen_lightning.cli import add_clip_sample_option, apply_clip_sample
 from gen_lightning.data.datamodule import ShardDataModule
 from gen_lightning.evaluation.encoders import load_text_image_encoder
+from gen_lightning.evaluation.options import add_clip_sample_option, apply_clip_sample
 from gen_lightning.evaluation.reference import val_captions
 from gen_lightning.images import make_grid, save_image_atomic
 from gen_lightning.metrics.clip_score import CLIPScore

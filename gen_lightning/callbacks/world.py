@@ -8,7 +8,8 @@ from pathlib import Path
 import lightning as L
 
 from gen_lightning.callbacks.periodic import PeriodicSampling
-from gen_lightning.evaluation import Reference, WorldEvaluator
+from gen_lightning.evaluation.reference import Reference
+from gen_lightning.evaluation.world import WorldEvaluator
 from gen_lightning.images import publish_image
 
 

@@ -1,0 +1,64 @@
+"""Command-line options for sampling from a checkpoint, shared by `gen-lightning sample`, `gen-lightning evaluate`
+and the benchmarks. Light to import (argparse only until a model is loaded), so `--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gen_lightning.models.base import GenerativeModule
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint and how to sample from it; settings left out are the model's (its sampling_defaults)."""
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit`")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the model's")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight (model default)")
+    add_clip_sample_option(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="images generated at once")
+    parser.add_argument("--device", default=default_device(), help="default: cuda if available")
+
+
+def add_clip_sample_option(parser: argparse.ArgumentParser) -> None:
+    """--clip-sample: override the checkpoint's bound on the sampler's predicted x0 (a number, or `none`). Latent
+    diffusion checkpoints written before it defaulted to none carry 1.0, which clips latents like pixels."""
+    help_text = "clip the predicted x0 to ±this, or 'none' (default: the checkpoint's clip_sample)"
+    parser.add_argument("--clip-sample", type=clip_bound, default=argparse.SUPPRESS, help=help_text)
+
+
+def clip_bound(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        if (value := float(text)) > 0:  # NaN is not
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number or 'none'")
+
+
+def apply_clip_sample(model: GenerativeModule, ns: argparse.Namespace) -> None:
+    if "clip_sample" in ns:
+        model.hparams.clip_sample = ns.clip_sample
+
+
+def load_for_sampling(ns: argparse.Namespace) -> GenerativeModule:
+    """The checkpoint's model on --device, with --clip-sample applied."""
+    from gen_lightning.models.loading import load_model
+
+    model = load_model(ns.ckpt).to(ns.device)
+    apply_clip_sample(model, ns)
+    return model
+
+
+def default_device() -> str:
+    # Only asked when --device is left to default, and not for --help: avoids importing torch there.
+    if "--device" in sys.argv or "-h" in sys.argv or "--help" in sys.argv:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
