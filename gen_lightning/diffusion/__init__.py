@@ -3,9 +3,19 @@
 No Lightning and no network weights: usable from a plain script and testable on its own.
 """
 
+from gen_lightning.diffusion.dpm_solver import DPMSolverSampler
+from gen_lightning.diffusion.fast_samplers import (
+    ALL_SAMPLER_NAMES,
+    FAST_SAMPLER_NAMES,
+    build_sampler,
+    iterate_sampler,
+    run_sampler,
+)
 from gen_lightning.diffusion.forward import q_posterior_mean_variance, q_sample
 from gen_lightning.diffusion.guidance import classifier_free_guidance, guided_model
+from gen_lightning.diffusion.karras import karras_sigmas, sigma_to_timestep, vp_noise_levels, vp_sigmas
 from gen_lightning.diffusion.losses import WEIGHTINGS, DiffusionLoss, min_snr_weight
+from gen_lightning.diffusion.ode_samplers import EulerSampler, HeunSampler, ODESampler
 from gen_lightning.diffusion.parameterization import (
     PREDICTION_TYPES,
     PredictionType,
@@ -31,6 +41,8 @@ from gen_lightning.diffusion.samplers import (
 from gen_lightning.diffusion.schedule import SCHEDULE_NAMES, NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = [
+    "ALL_SAMPLER_NAMES",
+    "FAST_SAMPLER_NAMES",
     "PREDICTION_TYPES",
     "SAMPLER_NAMES",
     "SCHEDULE_NAMES",
@@ -38,25 +50,36 @@ __all__ = [
     "WEIGHTINGS",
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverSampler",
     "DiffusionLoss",
+    "EulerSampler",
+    "HeunSampler",
     "NoiseSchedule",
+    "ODESampler",
     "PredictionType",
+    "build_sampler",
     "classifier_free_guidance",
     "eps_from_v",
     "eps_from_x0",
     "guided_model",
+    "iterate_sampler",
+    "karras_sigmas",
     "make_sampler",
     "min_snr_weight",
     "q_posterior_mean_variance",
     "q_sample",
     "rescale_zero_terminal_snr",
+    "run_sampler",
     "sample_loop",
     "sample_steps",
+    "sigma_to_timestep",
     "spaced_timesteps",
     "to_x0_and_eps",
     "training_target",
     "v_from_eps",
     "v_from_x0_eps",
+    "vp_noise_levels",
+    "vp_sigmas",
     "x0_from_eps",
     "x0_from_v",
 ]
