@@ -1,15 +1,37 @@
-"""Pure-torch diffusion math: schedules, forward process, prediction targets, losses, samplers and guidance.
+"""Pure-torch diffusion math: schedules, forward process, prediction targets, losses, samplers and guidance; rectified
+flow and EDM beside the discrete VP schedules.
 
 No Lightning and no network weights: usable from a plain script and testable on its own.
 """
 
+from gen_lightning.diffusion.cfg_denoiser import CFGDenoiser
 from gen_lightning.diffusion.dpm_solver import DPMSolverSampler
+from gen_lightning.diffusion.edm import (
+    EDMEulerSampler,
+    EDMHeunSampler,
+    EDMLoss,
+    EDMPrecond,
+    edm_coefficients,
+    edm_loss_weight,
+)
 from gen_lightning.diffusion.fast_samplers import (
     ALL_SAMPLER_NAMES,
     FAST_SAMPLER_NAMES,
     build_sampler,
     iterate_sampler,
     run_sampler,
+)
+from gen_lightning.diffusion.flow import (
+    TIME_SAMPLINGS,
+    FlowEulerSampler,
+    FlowHeunSampler,
+    FlowMatchingLoss,
+    flow_interpolate,
+    flow_velocity,
+    resolution_shift,
+    sample_flow_time,
+    shift_time,
+    x0_from_velocity,
 )
 from gen_lightning.diffusion.forward import q_posterior_mean_variance, q_sample
 from gen_lightning.diffusion.guidance import classifier_free_guidance, guided_model
@@ -47,20 +69,33 @@ __all__ = [
     "SAMPLER_NAMES",
     "SCHEDULE_NAMES",
     "TIMESTEP_SPACINGS",
+    "TIME_SAMPLINGS",
     "WEIGHTINGS",
+    "CFGDenoiser",
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverSampler",
     "DiffusionLoss",
+    "EDMEulerSampler",
+    "EDMHeunSampler",
+    "EDMLoss",
+    "EDMPrecond",
     "EulerSampler",
+    "FlowEulerSampler",
+    "FlowHeunSampler",
+    "FlowMatchingLoss",
     "HeunSampler",
     "NoiseSchedule",
     "ODESampler",
     "PredictionType",
     "build_sampler",
     "classifier_free_guidance",
+    "edm_coefficients",
+    "edm_loss_weight",
     "eps_from_v",
     "eps_from_x0",
+    "flow_interpolate",
+    "flow_velocity",
     "guided_model",
     "iterate_sampler",
     "karras_sigmas",
@@ -69,9 +104,12 @@ __all__ = [
     "q_posterior_mean_variance",
     "q_sample",
     "rescale_zero_terminal_snr",
+    "resolution_shift",
     "run_sampler",
+    "sample_flow_time",
     "sample_loop",
     "sample_steps",
+    "shift_time",
     "sigma_to_timestep",
     "spaced_timesteps",
     "to_x0_and_eps",
@@ -82,4 +120,5 @@ __all__ = [
     "vp_sigmas",
     "x0_from_eps",
     "x0_from_v",
+    "x0_from_velocity",
 ]

@@ -52,10 +52,11 @@ def iterate_sampler(
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[float | int, torch.Tensor]]:
     """Yield (t, x after the step at t) for each network evaluation, starting from x = x_T * init_noise_sigma
-    (x_T: standard normal noise). The network gets t as float32 [N] for fractional timesteps, int64 [N] otherwise."""
+    (x_T: standard normal noise). The network gets t as [N]: int64 for integer timesteps, fractional ones as float32
+    (float64 if x_T is float64)."""
     sampler.set_timesteps(num_steps)
     extra_args = extra_args or {}
-    time_dtype = torch.float32 if sampler.timesteps.is_floating_point() else torch.int64
+    time_dtype = torch.promote_types(x_T.dtype, torch.float32) if sampler.timesteps.is_floating_point() else torch.int64
     x = x_T * sampler.init_noise_sigma
     for t in sampler.timesteps.tolist():
         t_batch = torch.full((x.shape[0],), t, dtype=time_dtype, device=x.device)
