@@ -139,7 +139,7 @@ CASES = [
 def test_steps_match_diffusers(name: str, spacing: str, prediction_type: str) -> None:
     schedule = NoiseSchedule.from_name("linear", 1000)
     model = GaussianDenoiser(schedule, prediction_type, wobble=0.05)
-    ours = build_sampler(name, schedule, prediction_type, spacing=spacing)
+    ours = build_sampler(name, schedule, prediction_type, timestep_spacing=spacing)
     reference = _diffusers_scheduler(name, schedule, prediction_type, spacing)
     num_steps = 10
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -190,7 +190,7 @@ def test_gaussian_data_converges_at_the_methods_order(name: str, order: int) -> 
     x_T = torch.randn(4, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
     errors = []
     for num_steps in (16, 32, 64):
-        sampler = build_sampler(name, schedule, "epsilon", spacing="karras")
+        sampler = build_sampler(name, schedule, "epsilon", timestep_spacing="karras")
         sample = run_sampler(model, sampler, x_T, num_steps)
         exact = exact_sample(x_T, float(sampler.sigmas[0]), float(sampler.sigmas[-2]))
         errors.append(float((sample - exact).abs().max()))
@@ -206,7 +206,7 @@ def test_gaussian_data_converges_at_the_methods_order(name: str, order: int) -> 
 def test_dpm_solver_first_step_is_ddim() -> None:
     schedule = NoiseSchedule.from_name("linear", 1000)
     model = GaussianDenoiser(schedule, "v", wobble=0.1)
-    dpm = DPMSolverSampler(schedule, "v", spacing="trailing")
+    dpm = DPMSolverSampler(schedule, "v", timestep_spacing="trailing")
     ddim = DDIMSampler(schedule, "v", clip_sample=None, timestep_spacing="trailing")
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     (_, dpm_x), *_ = iterate_sampler(model, dpm, x_T, 10)
@@ -242,7 +242,7 @@ def test_bad_use_raises() -> None:
     with pytest.raises(ValueError, match="unknown sampler"):
         build_sampler("lms", schedule)
     with pytest.raises(ValueError, match="noise spacing"):
-        EulerSampler(schedule, spacing="uniform")
+        EulerSampler(schedule, timestep_spacing="uniform")
     with pytest.raises(ValueError, match="zero terminal SNR"):
         DPMSolverSampler(NoiseSchedule.from_name("linear", 100, zero_terminal_snr=True), "epsilon")
     sampler = EulerSampler(schedule)

@@ -23,7 +23,7 @@ from gen_lightning.diffusion.schedule import NoiseSchedule
 class DPMSolverSampler:
     """DPM-Solver++(2M) on a discrete VP schedule; x is the network's input x_t throughout (x_T ~ N(0, I)).
 
-    spacing: a DDIM timestep spacing ("trailing" by default, integer timesteps: diffusers'
+    timestep_spacing: a DDIM spacing ("trailing" by default, integer timesteps: diffusers'
     DPMSolverMultistepScheduler with the same spacing) or "karras" (EDM's sigmas at fractional timesteps, k-diffusion's
     "DPM++ 2M Karras"; diffusers rounds those timesteps to integers unless the schedule is cosine).
     """
@@ -34,7 +34,7 @@ class DPMSolverSampler:
         self,
         schedule: NoiseSchedule,
         prediction_type: str = "epsilon",
-        spacing: str = "trailing",
+        timestep_spacing: str = "trailing",
         clip_sample: float | None = None,
         rho: float = 7.0,
         sigma_min: float | None = None,
@@ -46,14 +46,15 @@ class DPMSolverSampler:
         if clip_sample is not None and clip_sample <= 0:
             raise ValueError(f"clip_sample must be > 0 or None, got {clip_sample}")
         self.schedule, self.prediction_type, self.clip_sample = schedule, prediction_type, clip_sample
-        self.spacing, self.rho, self.sigma_min, self.sigma_max = spacing, rho, sigma_min, sigma_max
-        vp_noise_levels(schedule, 1, spacing, rho, sigma_min, sigma_max)  # validate the arguments now
+        self.timestep_spacing, self.rho = timestep_spacing, rho
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        vp_noise_levels(schedule, 1, timestep_spacing, rho, sigma_min, sigma_max)  # validate the arguments now
         self.set_timesteps(1)
 
     def set_timesteps(self, num_steps: int) -> None:
         # sigmas are EDM's (sigma_VE = sigma_VP / alpha_VP), so lambda = -log sigma and alpha = 1 / sqrt(1 + sigma^2).
         self.sigmas, self.timesteps = vp_noise_levels(
-            self.schedule, num_steps, self.spacing, self.rho, self.sigma_min, self.sigma_max
+            self.schedule, num_steps, self.timestep_spacing, self.rho, self.sigma_min, self.sigma_max
         )
         self.num_steps = num_steps
         self._index = 0

@@ -33,6 +33,7 @@ class ODESampler:
         self.order = order
         self.sigmas = torch.zeros(1, dtype=torch.float64)
         self.timesteps = torch.zeros(0)
+        self._evaluation = 0  # step() refuses to run before set_timesteps()
 
     # The ODE, defined by the subclass.
     def noise_grid(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +72,8 @@ class ODESampler:
     def step(
         self, model_output: torch.Tensor, t: float, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Advance by one network evaluation; returns the next network input (after the last: the sample).
+        """Advance by one network evaluation; returns the next network input (after the last: the sample), in
+        float32 at least.
 
         `t` must be the current entry of `timesteps` (checked, to catch a loop out of step); generator is unused (the
         ODE is deterministic) and accepted so every sampler is called alike."""
@@ -112,7 +114,7 @@ class _VPSampler(ODESampler):
         schedule: NoiseSchedule,
         prediction_type: str = "epsilon",
         order: int = 1,
-        spacing: str = KARRAS,
+        timestep_spacing: str = KARRAS,
         rho: float = 7.0,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
@@ -125,11 +127,14 @@ class _VPSampler(ODESampler):
         if clip_sample is not None and clip_sample <= 0:
             raise ValueError(f"clip_sample must be > 0 or None, got {clip_sample}")
         self.schedule, self.prediction_type, self.clip_sample = schedule, prediction_type, clip_sample
-        self.spacing, self.rho, self.sigma_min, self.sigma_max = spacing, rho, sigma_min, sigma_max
-        vp_noise_levels(schedule, 1, spacing, rho, sigma_min, sigma_max)  # validate the arguments now
+        self.timestep_spacing, self.rho = timestep_spacing, rho
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        vp_noise_levels(schedule, 1, timestep_spacing, rho, sigma_min, sigma_max)  # validate the arguments now
 
     def noise_grid(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return vp_noise_levels(self.schedule, num_steps, self.spacing, self.rho, self.sigma_min, self.sigma_max)
+        return vp_noise_levels(
+            self.schedule, num_steps, self.timestep_spacing, self.rho, self.sigma_min, self.sigma_max
+        )
 
     def to_ode(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         return x * math.sqrt(1 + sigma**2)
@@ -148,7 +153,8 @@ class _VPSampler(ODESampler):
 
 class EulerSampler(_VPSampler):
     """Euler on the VP schedule's PF-ODE (k-diffusion `sample_euler`; diffusers' EulerDiscreteScheduler), n network
-    evaluations for n steps. spacing="karras" (default): EDM's sigmas, at fractional timesteps; or a DDIM spacing."""
+    evaluations for n steps. timestep_spacing="karras" (default): EDM's sigmas at fractional timesteps; or a DDIM
+    spacing (integer timesteps)."""
 
     def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon", **kwargs: Any) -> None:
         super().__init__(schedule, prediction_type, order=1, **kwargs)
