@@ -29,15 +29,18 @@ class CountedFlopsSummary(ModelSummary):
         total_flops: int,
         **summarize_kwargs: Any,
     ) -> None:
+        stock = (summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, total_flops)
         if total_flops:
-            ModelSummary.summarize(
-                summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, total_flops
-            )
+            ModelSummary.summarize(*stock)
             return
         columns = [column for column in summary_data if column[0] != "FLOPs"]
-        table = _format_summary_table(
-            total_parameters, trainable_parameters, model_size, total_training_modes, 0, *columns
-        )
+        try:
+            table = _format_summary_table(
+                total_parameters, trainable_parameters, model_size, total_training_modes, 0, *columns
+            )
+        except TypeError:  # a private Lightning helper (pinned 2.6.6): if another version changed it, the stock table
+            ModelSummary.summarize(*stock)
+            return
         log.info("\n" + table.rsplit("\n", 1)[0])  # the last line is the "0  Total Flops" row
 
 

@@ -12,12 +12,20 @@ keep every k-th of its samples by index, decoding only those; each still reads t
 unequal numbers of val batches: Lightning reduces `self.log(..., sync_dist=True)` values once at the epoch's end, not
 per batch, but a rank with no val batch at all would skip that reduction, so setup refuses a split that leaves a rank
 without samples when the manifest says how many each shard holds.
+
+Loader workers die with the process that started them (PR_SET_PDEATHSIG): a killed fit leaves no orphan behind.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import multiprocessing
+import os
 import random
+import signal
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -343,4 +351,32 @@ class ShardDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if self.num_workers > 0 else None,
+            worker_init_fn=functools.partial(die_with_parent, _expected_parent()) if self.num_workers > 0 else None,
         )
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _expected_parent() -> int | None:
+    """The pid a loader worker's parent must have: this process, unless workers start from a forkserver (their parent
+    is then the server, which exits when this process does)."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return None if method == "forkserver" else os.getpid()
+
+
+def die_with_parent(parent: int | None, worker_id: int) -> None:
+    """worker_init_fn: the kernel kills this worker when the process that started it dies, however it dies.
+
+    PyTorch's workers look for their parent only between batches (every 5 s when idle), so a worker blocked in a read
+    (a stalled `pipe:` or network shard) outlived a SIGKILLed or OOM-killed fit for as long as the read blocked,
+    re-parented to init. The signal comes when the *thread* that started the worker ends: Lightning starts them from
+    the main thread, which lives as long as the fit. A parent that died before prctl ran (the worker then has another
+    parent already) is caught by comparing pids.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("loader worker %d: prctl(PR_SET_PDEATHSIG) failed (errno %d)", worker_id, ctypes.get_errno())
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)  # not sys.exit: Python's exit handlers could wait on queues to the dead parent

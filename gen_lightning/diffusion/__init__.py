@@ -1,11 +1,42 @@
-"""Pure-torch diffusion math: schedules, forward process, prediction targets, losses, samplers and guidance.
+"""Pure-torch diffusion math: schedules, forward process, prediction targets, losses, samplers and guidance; rectified
+flow and EDM beside the discrete VP schedules.
 
 No Lightning and no network weights: usable from a plain script and testable on its own.
 """
 
+from gen_lightning.diffusion.dpm_solver import DPMSolverSampler
+from gen_lightning.diffusion.edm import (
+    EDMEulerSampler,
+    EDMHeunSampler,
+    EDMLoss,
+    EDMPrecond,
+    edm_coefficients,
+    edm_loss_weight,
+)
+from gen_lightning.diffusion.fast_samplers import (
+    ALL_SAMPLER_NAMES,
+    FAST_SAMPLER_NAMES,
+    build_sampler,
+    iterate_sampler,
+    run_sampler,
+)
+from gen_lightning.diffusion.flow import (
+    TIME_SAMPLINGS,
+    FlowEulerSampler,
+    FlowHeunSampler,
+    FlowMatchingLoss,
+    flow_interpolate,
+    flow_velocity,
+    resolution_shift,
+    sample_flow_time,
+    shift_time,
+    x0_from_velocity,
+)
 from gen_lightning.diffusion.forward import q_posterior_mean_variance, q_sample
 from gen_lightning.diffusion.guidance import CFGDenoiser, classifier_free_guidance
+from gen_lightning.diffusion.karras import karras_sigmas, sigma_to_timestep, vp_noise_levels, vp_sigmas
 from gen_lightning.diffusion.losses import WEIGHTINGS, DiffusionLoss, min_snr_weight
+from gen_lightning.diffusion.ode_samplers import EulerSampler, HeunSampler, ODESampler
 from gen_lightning.diffusion.parameterization import (
     PREDICTION_TYPES,
     PredictionType,
@@ -31,32 +62,61 @@ from gen_lightning.diffusion.samplers import (
 from gen_lightning.diffusion.schedule import SCHEDULE_NAMES, NoiseSchedule, rescale_zero_terminal_snr
 
 __all__ = [
+    "ALL_SAMPLER_NAMES",
+    "FAST_SAMPLER_NAMES",
     "PREDICTION_TYPES",
     "SAMPLER_NAMES",
     "SCHEDULE_NAMES",
     "TIMESTEP_SPACINGS",
+    "TIME_SAMPLINGS",
     "WEIGHTINGS",
     "CFGDenoiser",
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverSampler",
     "DiffusionLoss",
+    "EDMEulerSampler",
+    "EDMHeunSampler",
+    "EDMLoss",
+    "EDMPrecond",
+    "EulerSampler",
+    "FlowEulerSampler",
+    "FlowHeunSampler",
+    "FlowMatchingLoss",
+    "HeunSampler",
     "NoiseSchedule",
+    "ODESampler",
     "PredictionType",
+    "build_sampler",
     "classifier_free_guidance",
+    "edm_coefficients",
+    "edm_loss_weight",
     "eps_from_v",
     "eps_from_x0",
+    "flow_interpolate",
+    "flow_velocity",
+    "iterate_sampler",
+    "karras_sigmas",
     "make_sampler",
     "min_snr_weight",
     "q_posterior_mean_variance",
     "q_sample",
     "rescale_zero_terminal_snr",
+    "resolution_shift",
+    "run_sampler",
+    "sample_flow_time",
     "sample_loop",
     "sample_steps",
+    "shift_time",
+    "sigma_to_timestep",
     "spaced_timesteps",
     "to_x0_and_eps",
     "training_target",
     "v_from_eps",
     "v_from_x0_eps",
+    "vp_noise_levels",
+    "vp_sigmas",
     "x0_from_eps",
     "x0_from_v",
+    "x0_from_velocity",
 ]

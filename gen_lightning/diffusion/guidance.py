@@ -16,12 +16,17 @@ def classifier_free_guidance(cond_out: torch.Tensor, uncond_out: torch.Tensor, w
 
 
 def _cat_context(cond: Any, uncond: Any) -> Any:
-    """Stack [cond; uncond] along the batch; a batch-1 uncond (one learned null embedding) is repeated to match."""
+    """Stack [cond; uncond] along the batch; a batch-1 uncond (one learned null embedding) is repeated to match.
+    An argument that is None in both branches (an absent mask) stays None."""
+    if cond is None and uncond is None:
+        return None
     if isinstance(cond, torch.Tensor):
         if uncond.shape[0] == 1 and cond.shape[0] != 1:
             uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
         return torch.cat([cond, uncond.to(cond.device, cond.dtype)])
     if isinstance(cond, dict):
+        if set(cond) != set(uncond):
+            raise ValueError(f"uncond has keys {sorted(uncond)} but cond has {sorted(cond)}")
         return {k: _cat_context(cond[k], uncond[k]) for k in cond}
     if isinstance(cond, (list, tuple)):
         return type(cond)(_cat_context(c, u) for c, u in zip(cond, uncond, strict=True))
