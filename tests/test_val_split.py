@@ -142,3 +142,12 @@ def test_three_val_shards_on_three_ranks_by_three_workers_with_unequal_batch_cou
     one, ranks = validate_on_ranks(tmp_path, [10, 4, 4], world=3, workers=3)
     assert_same_validation(one, ranks)
     assert [rank["batches"] for rank in ranks] == [4, 3, 3]
+
+
+def test_an_odd_val_count_on_two_ranks_is_averaged_over_every_sample(tmp_path):
+    """13 samples on 2 ranks (7 and 6): Lightning averages the ranks' summed batch sizes as a tensor of the logged
+    batch size's dtype, so an int count truncates 6.5 to 6 and the mean comes out 13/12 too large (Lightning #21859);
+    the models log their val metrics with a float count (GenerativeModule.log_val_mean)."""
+    one, ranks = validate_on_ranks(tmp_path, [13], world=2, workers=1)
+    assert [len(rank["keys"]) for rank in ranks] == [7, 6]
+    assert_same_validation(one, ranks)

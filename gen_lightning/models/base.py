@@ -109,6 +109,15 @@ class GenerativeModule(L.LightningModule):
             decay = ema.update(model)
             self.log("train/ema_decay", decay, on_step=True, on_epoch=False)
 
+    def log_val_mean(self, name: str, value: torch.Tensor, count: int) -> None:
+        """Log a val metric as its mean over every rank's samples, `value` being the mean of this batch's `count`.
+
+        The count goes in as a float: at the end of validation Lightning averages the ranks' summed batch sizes
+        (sum / world size) in the count's own dtype, so an int truncates (7 + 6 samples on 2 ranks: 6, not 6.5) and the
+        metric comes out 13/12 too large (Lightning issue #21859). tests/test_val_split.py checks an odd count.
+        """
+        self.log(name, value, sync_dist=True, batch_size=float(count))  # type: ignore[arg-type]
+
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
         """Eval mode for the block (dropout off, EMA/frozen parts as they are), then each submodule's mode restored."""

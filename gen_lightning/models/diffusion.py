@@ -132,7 +132,7 @@ class DiffusionModel(GenerativeModule):
         loss = self.loss_fn(
             self.ema.shadow, x0, generator=generator, pixel_weight=self.pixel_weight(batch), extra_args=cond
         )
-        self.log("val/loss", loss, sync_dist=True, batch_size=x0.shape[0])
+        self.log_val_mean("val/loss", loss, x0.shape[0])
 
     def after_optimizer_step(self, steps_done: int) -> None:
         self.update_ema(self.ema, self.net, steps_done)

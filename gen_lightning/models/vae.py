@@ -167,13 +167,13 @@ class VAEModel(GenerativeModule):
         images = self._images(batch, generator)
         recon, kl, _ = self.terms(self.ema.shadow, images, generator)
         n, dims = images.shape[0], images[0].numel()
-        self.log("val/recon", recon.mean(), sync_dist=True, batch_size=n)
-        self.log("val/kl", kl.mean(), sync_dist=True, batch_size=n)
-        self.log("val/elbo", -(recon + kl).mean(), sync_dist=True, batch_size=n)
-        self.log("val/bpd", bits_per_dim(recon + kl, dims).mean(), sync_dist=True, batch_size=n)
+        self.log_val_mean("val/recon", recon.mean(), n)
+        self.log_val_mean("val/kl", kl.mean(), n)
+        self.log_val_mean("val/elbo", -(recon + kl).mean(), n)
+        self.log_val_mean("val/bpd", bits_per_dim(recon + kl, dims).mean(), n)
         # PSNR of what latent diffusion gets back: the posterior mode, decoded, against the 8-bit image.
         clean = batch["image"].to(self.device)
-        self.log("val/psnr", psnr(self.decode(self.encode(clean)), clean).mean(), sync_dist=True, batch_size=n)
+        self.log_val_mean("val/psnr", psnr(self.decode(self.encode(clean)), clean).mean(), n)
         if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self.log_reconstructions(batch["image"])
 
