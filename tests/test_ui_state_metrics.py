@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from gen_lightning.data import ui_app
-from gen_lightning.data.ui_actions import CURSOR_PIXELS
+from gen_lightning.actions import CURSOR_PIXELS
 from gen_lightning.metrics import ui_text
 from gen_lightning.metrics.ui_frames import cursor_mask, frames_rgb
 from gen_lightning.metrics.ui_state import UNREADABLE, WIDGET_NAMES, WIDGETS, StateAccuracy, read_states
@@ -115,17 +115,17 @@ def test_synthetic_screens_read_back():
 
 
 def test_the_cursor_is_ignored_where_the_action_put_it():
-    frame = fake_screen(text="mmmm")
-    cursor = torch.tensor([[12.5 / SIZE, 48.5 / SIZE]])  # the sprite's tip on the second "m"
+    frame = fake_screen(text="oooo")
+    cursor = torch.tensor([[12.5 / SIZE, 48.5 / SIZE]])  # the sprite's tip inside the second "o"
     sprite = cursor_mask(frames_rgb(frame[None]), cursor)[0]
     assert sprite.sum() == len(CURSOR_PIXELS)  # the sprite's own pixels: no magenta on this frame
     blotted = frame.clone()
-    blotted[:, sprite] = 1.0  # a generated frame's cursor, not magenta: found only by where the action put it
-    assert read_text(blotted[None]) != ["mmmm"]
-    assert read_text(blotted[None], cursor) == ["mmmm"]
+    blotted[:, sprite] = -1.0  # a generated frame's cursor drawn black: found only by where the action put it
+    assert read_text(blotted[None]) == ["oaoo"]  # read blindly, the blot turns the "o" into an "a"
+    assert read_text(blotted[None], cursor) == ["oooo"]
     magenta = frame.clone()
     magenta[:, sprite] = torch.tensor([1.0, -1.0, 1.0])[:, None]  # a real frame's cursor: found by its colour too
-    assert read_text(magenta[None]) == ["mmmm"]
+    assert read_text(magenta[None]) == ["oooo"]
 
 
 def test_matching_characters():

@@ -1,7 +1,7 @@
 """Where things are on a recorded frame of the UI app (data.ui_app), shared by the state and text readers.
 
 The app draws on a SCREEN × SCREEN screen; the recorder shrinks each capture to size × size with Pillow's BOX filter
-and then draws the magenta cursor sprite at the action's position (data.ui_source, data.ui_actions). A frame pixel
+and then draws the magenta cursor sprite at the action's position (data.ui_source, gen_lightning.actions). A frame pixel
 is the average of its footprint on the screen, so a pixel whose footprint lies wholly inside a uniformly coloured
 area has exactly that area's colour: the readers look only at such pixels, and ignore the ones the cursor may cover.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gen_lightning.data.ui_actions import CURSOR_PIXELS
+from gen_lightning.actions import CURSOR_PIXELS
 from gen_lightning.data.ui_app import SCREEN
 from gen_lightning.images import to_uint8
 
@@ -71,7 +71,7 @@ def cursor_mask(rgb: torch.Tensor, cursor: torch.Tensor | None = None, margin: i
     n, height, width = mask.shape
     if cursor.shape != (n, 2):
         raise ValueError(f"cursor: expected [{n}, 2] fractions of the frame, got {tuple(cursor.shape)}")
-    # data.ui_actions.cursor_pixel for every frame at once (int() of a positive double is its floor).
+    # actions.cursor_pixel for every frame at once (int() of a positive double is its floor).
     fractions = cursor.detach().cpu().double()
     tip_x = (fractions[:, 0] * width).floor().long().clamp(0, width - 1)
     tip_y = (fractions[:, 1] * height).floor().long().clamp(0, height - 1)

@@ -30,7 +30,7 @@ from gen_lightning.errors import UserInputError
 from gen_lightning.metrics.ui_frames import cursor_mask, frames_rgb, hex_rgb, inside
 from gen_lightning.metrics.ui_state import WIDGET_NAMES, read_states
 
-CHARACTERS = " abcdefghijklmnopqrstuvwxyz0123456789"  # what the recorder types (data.ui_actions.KEYS); " " = blank
+CHARACTERS = " abcdefghijklmnopqrstuvwxyz0123456789"  # what the recorder types (gen_lightning.actions.KEYS); " " = blank
 UNKNOWN = "?"  # a cell with nothing left to compare (all under the cursor): matches nothing
 
 # The entry's text line on the screen, measured on the app's captures (Tk 8.6, Xft): the first character's origin is
