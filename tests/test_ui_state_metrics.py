@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from gen_lightning.data import ui_app
 from gen_lightning.actions import CURSOR_PIXELS
+from gen_lightning.data import ui_app
 from gen_lightning.metrics import ui_text
 from gen_lightning.metrics.ui_frames import cursor_mask, frames_rgb
 from gen_lightning.metrics.ui_state import UNREADABLE, WIDGET_NAMES, WIDGETS, StateAccuracy, read_states

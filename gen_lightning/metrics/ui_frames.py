@@ -1,8 +1,9 @@
-"""Where things are on a recorded frame of the UI app (data.ui_app), shared by the state and text readers.
+"""Where things are on a recorded frame of the UI app (data.ui_app, drawn as gen_lightning.ui_layout says), shared
+by the state and text readers.
 
 The app draws on a SCREEN × SCREEN screen; the recorder shrinks each capture to size × size with Pillow's BOX filter
-and then draws the magenta cursor sprite at the action's position (data.ui_source, gen_lightning.actions). A frame pixel
-is the average of its footprint on the screen, so a pixel whose footprint lies wholly inside a uniformly coloured
+and then draws the magenta cursor sprite at the action's position (data.ui_source, gen_lightning.actions). A frame
+pixel is the average of its footprint on the screen, so a pixel whose footprint lies wholly inside a uniformly coloured
 area has exactly that area's colour: the readers look only at such pixels, and ignore the ones the cursor may cover.
 """
 
@@ -11,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from gen_lightning.actions import CURSOR_PIXELS
-from gen_lightning.data.ui_app import SCREEN
 from gen_lightning.images import to_uint8
+from gen_lightning.ui_layout import SCREEN
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) screen pixels, x1 / y1 exclusive
 

@@ -1,6 +1,6 @@
 """The UI app's widget states read off frames, and the world model's state accuracy beside copying the screen.
 
-Each widget's state shows as the colour of a known area (data.ui_app's layout is ours):
+Each widget's state shows as the colour of a known area (gen_lightning.ui_layout: the layout is ours):
     toggle    OFF / ON          bands of the button above and below its label (grey or yellow / dark or light blue)
     checkbox  unchecked/checked the box's inside above and below the tick (white / dark green)
     menu      closed / open     where the dropdown's Red and Green items open, over the toggle
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torchmetrics import Metric
 
-from gen_lightning.data import ui_app
+from gen_lightning import ui_layout
 from gen_lightning.metrics.ui_frames import Box, box_mask, cursor_mask, frames_rgb, hex_rgb
 
 UNREADABLE = -1
@@ -48,26 +48,27 @@ class Widget:
         return tuple(name for name, _ in self.states)
 
 
-_RED, _GREEN, _BLUE = (ui_app.MENU_ITEMS[name] for name in ("red", "green", "blue"))
-_TOGGLE_COLOURS = (ui_app.TOGGLE_OFF, ui_app.HOVER, ui_app.TOGGLE_ON, ui_app.TOGGLE_ON_HOVER)
+_RED, _GREEN, _BLUE = (ui_layout.MENU_ITEMS[name] for name in ("red", "green", "blue"))
+_TOGGLE_COLOURS = (ui_layout.TOGGLE_OFF, ui_layout.HOVER, ui_layout.TOGGLE_ON, ui_layout.TOGGLE_ON_HOVER)
 # What the closed menu leaves there: the toggle's colours and the checkbox widget's background (plain, hover, checked).
-_UNDER_MENU = (*_TOGGLE_COLOURS, ui_app.BACKGROUND, ui_app.CHECKED_BACKGROUND)
-_X, _Y, _W, _H = ui_app.LAYOUT["checkbox"]
-_BOX_X, _BOX_Y = _X + (_W - 32) // 2, _Y + (_H - 32) // 2  # the 32-px box image is centred in the widget
+_UNDER_MENU = (*_TOGGLE_COLOURS, ui_layout.BACKGROUND, ui_layout.CHECKED_BACKGROUND)
+_X, _Y, _W, _H = ui_layout.LAYOUT["checkbox"]
+# The checkbox's box image is centred in its widget.
+_BOX_X, _BOX_Y = _X + (_W - ui_layout.BOX_SIDE) // 2, _Y + (_H - ui_layout.BOX_SIDE) // 2
 
 WIDGETS: tuple[Widget, ...] = (
     # The toggle's label sits in the middle rows: read the button above and below it, inside its 2-px relief.
     Widget(
         "toggle",
         ((4, 36, 60, 46), (4, 66, 60, 76)),
-        (("off", (ui_app.TOGGLE_OFF, ui_app.HOVER)), ("on", (ui_app.TOGGLE_ON, ui_app.TOGGLE_ON_HOVER))),
+        (("off", (ui_layout.TOGGLE_OFF, ui_layout.HOVER)), ("on", (ui_layout.TOGGLE_ON, ui_layout.TOGGLE_ON_HOVER))),
     ),
     # Inside the 3-px border, above and below the tick's rows (9..24 of the box); right of where the open dropdown
     # ends (x 85), so an open menu leaves the checkbox readable.
     Widget(
         "checkbox",
         ((_BOX_X + 8, _BOX_Y + 3, _BOX_X + 28, _BOX_Y + 9), (_BOX_X + 8, _BOX_Y + 26, _BOX_X + 28, _BOX_Y + 29)),
-        (("unchecked", ("#ffffff",)), ("checked", ("#1b5e20",))),
+        (("unchecked", (ui_layout.BOX_UNCHECKED,)), ("checked", (ui_layout.BOX_CHECKED,))),
     ),
     # The dropdown (x < 85, 32 <= y < 107) opens over the toggle and the checkbox's left margin: read it right of
     # the "Red" and "Green" labels, where it is a plain item colour (or its hover colour), and inside the checkbox
@@ -80,14 +81,14 @@ WIDGETS: tuple[Widget, ...] = (
     Widget(
         "panel",
         ((66, 2, 126, 30),),
-        (("white", (ui_app.PANEL_START,)), ("red", _RED[:1]), ("green", _GREEN[:1]), ("blue", _BLUE[:1])),
+        (("white", (ui_layout.PANEL_START,)), ("red", _RED[:1]), ("green", _GREEN[:1]), ("blue", _BLUE[:1])),
     ),
     # The ring is 5 px (highlightthickness): its right side, its bottom and the right of its top, all beyond the
     # open dropdown (x < 85, y < 107).
     Widget(
         "focus",
         ((123, 84, 128, 124), (0, 119, 128, 124), (88, 84, 128, 89)),
-        (("unfocused", (ui_app.ENTRY_RING,)), ("focused", (ui_app.ENTRY_FOCUS_RING,))),
+        (("unfocused", (ui_layout.ENTRY_RING,)), ("focused", (ui_layout.ENTRY_FOCUS_RING,))),
     ),
 )
 WIDGET_NAMES: tuple[str, ...] = tuple(widget.name for widget in WIDGETS)

@@ -1,7 +1,7 @@
 """The text in the UI app's entry read off frames, and the world model's typed-text accuracy beside copying the screen.
 
-No OCR model: the app's font and layout are ours (data.ui_app). The entry draws DejaVu Sans Mono Bold at 22 px, a
-monospace font, so character k sits in a fixed cell, TEXT_X + k·ADVANCE on the screen; Tk scrolls the view by
+No OCR model: the app's font and layout are ours (gen_lightning.ui_layout). The entry draws DejaVu Sans Mono Bold at
+22 px, a monospace font, so character k sits in a fixed cell, TEXT_X + k·ADVANCE on the screen; Tk scrolls the view by
 whole characters, so that stays true for long text. Each cell of a frame is compared with the same font's glyphs
 rendered by Pillow at the cell's place and shrunk as the recorder shrinks the screen (BOX), on the entry's white
 and on the selection's blue (Tab and drags select text), and reads as the nearest one (mean squared RGB difference);
@@ -25,28 +25,28 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchmetrics import Metric
 
-from gen_lightning.data import ui_app
+from gen_lightning import ui_layout
 from gen_lightning.errors import UserInputError
 from gen_lightning.metrics.ui_frames import cursor_mask, frames_rgb, hex_rgb, inside
 from gen_lightning.metrics.ui_state import WIDGET_NAMES, read_states
 
-CHARACTERS = " abcdefghijklmnopqrstuvwxyz0123456789"  # what the recorder types (gen_lightning.actions.KEYS); " " = blank
+CHARACTERS = " abcdefghijklmnopqrstuvwxyz0123456789"  # what the recorder types (actions.KEYS); " " = blank
 UNKNOWN = "?"  # a cell with nothing left to compare (all under the cursor): matches nothing
 
 # The entry's text line on the screen, measured on the app's captures (Tk 8.6, Xft): the first character's origin is
 # inside the 5-px ring, the 2-px border and Tk's 1-px pad; the font's 13.25-px advance is drawn as 13 whole pixels;
 # the line is the font's ascent (21) + descent (6) = 27 rows; Tk clips the text at the ring.
 TEXT_X, ADVANCE, LINE_TOP, ASCENT, DESCENT = 8, 13, 90, 21, 6
-CLIP = (5, ui_app.SCREEN - 5)
+CLIP = (5, ui_layout.SCREEN - 5)
 CELLS = 9  # 8 whole cells, and 11 of the 9th's 13 px
 CARET_ROWS = (LINE_TOP, LINE_TOP + 4)  # above the tallest glyph (17 px over the baseline): only the caret is there
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
-SELECTION = (hex_rgb("#2080ff"), WHITE)  # data.ui_app's entry selectbackground and selectforeground
+SELECTION = (hex_rgb(ui_layout.ENTRY_SELECTION), WHITE)  # the entry's selected text: white on blue
 CARET_TOLERANCE = 60.0  # RGB distance from the line's background beyond which a caret-row pixel is the caret
 
 
 def _font() -> ImageFont.FreeTypeFont:
-    family, size, weight = ui_app.ENTRY_FONT
+    family, size, weight = ui_layout.ENTRY_FONT
     file_name = family.replace(" ", "") + ("-Bold" if weight == "bold" else "") + ".ttf"
     try:  # Pillow looks the file up in the system's font folders
         return ImageFont.truetype(file_name, -size)  # Tk's negative size is in pixels, as Pillow's
@@ -76,7 +76,7 @@ def glyph_templates(size: int) -> tuple[torch.Tensor, list[torch.Tensor], list[t
     for selected, (background, ink) in enumerate(((WHITE, BLACK), SELECTION)):
         for index, char in enumerate(CHARACTERS):
             for parity in (0, 1):  # one canvas per other cell: a glyph's edge never lands in its neighbour's cell
-                screen = Image.new("RGB", (ui_app.SCREEN, ui_app.SCREEN), WHITE)
+                screen = Image.new("RGB", (ui_layout.SCREEN, ui_layout.SCREEN), WHITE)
                 draw = ImageDraw.Draw(screen)
                 draw.rectangle((CLIP[0], LINE_TOP, CLIP[1] - 1, LINE_TOP + ASCENT + DESCENT - 1), fill=background)
                 for cell in range(parity, CELLS, 2):
@@ -99,7 +99,7 @@ def caret_columns(rgb: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:
     distance = (top[..., None, :] - backgrounds).norm(dim=-1).min(-1).values  # [N, r, c]
     dark = torch.zeros(rgb.shape[:1] + rgb.shape[2:3], dtype=torch.bool)
     dark[:, cols] = ((distance > CARET_TOLERANCE) & ~ignored[:, rows][:, :, cols]).any(1)
-    widest = int(4 * size / ui_app.SCREEN) + 2  # the 4-px bar over whole and partly covered columns
+    widest = int(4 * size / ui_layout.SCREEN) + 2  # the 4-px bar over whole and partly covered columns
     return dark & (dark.sum(1, keepdim=True) <= widest)
 
 
