@@ -2,12 +2,14 @@
 (data.ui_app) and the readers that score frames of it (metrics.ui_state, metrics.ui_text).
 
 A leaf, as gen_lightning.actions is for the action schema: metrics may not import data (import-linter), and the
-readers must see exactly what the app draws. Change a value here and the app's look changes: bump
-data.ui_app.APP_VERSION, as recorded data and trained models depend on it.
+readers must see exactly what the app draws. The recorder writes APP_NAME and APP_VERSION into a dataset's
+manifest, and the world-model evaluation reads frames with these readers only when they match.
 """
 
 from __future__ import annotations
 
+APP_NAME = "tk_panel"
+APP_VERSION = 1  # bump when the look (below) or the behaviour changes: recorded data and models depend on it
 SCREEN = 128  # the virtual screen is SCREEN × SCREEN pixels; the app fills it
 
 BACKGROUND = "#e0e0e0"

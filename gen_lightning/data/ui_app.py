@@ -23,9 +23,11 @@ import sys
 import tkinter as tk
 from typing import Any, TextIO
 
-# The look lives in a leaf module that the frame readers (metrics.ui_state, metrics.ui_text) share; re-exported
-# here, where the recorder and its tests read it.
-from gen_lightning.ui_layout import (
+# The app's name, version and look live in a leaf module that the frame readers (metrics.ui_state, metrics.ui_text)
+# share; re-exported here, where the recorder and its tests read them.
+from gen_lightning.ui_layout import (  # noqa: F401 (APP_NAME, APP_VERSION: the recorder's manifest reads them here)
+    APP_NAME,
+    APP_VERSION,
     BACKGROUND,
     BOX_BORDER,
     BOX_CHECKED,
@@ -47,9 +49,6 @@ from gen_lightning.ui_layout import (
     TOGGLE_ON,
     TOGGLE_ON_HOVER,
 )
-
-APP_NAME = "tk_panel"
-APP_VERSION = 1  # bump when the look (gen_lightning.ui_layout) or the behaviour changes: data and models depend on it
 
 
 def _box_image(root: tk.Tk, checked: bool) -> tk.PhotoImage:

@@ -148,8 +148,8 @@ class TextAccuracy(Metric):
         text_accuracy_typed             the same over the frames where the real entry's text changed (a key typed,
                                         deleted or cleared it, or the view scrolled): where copying falls short
         text_accuracy_typed_copy_last   the same for the last context frame
-        text_exact_typed                share of those frames whose whole text the prediction shows right (copying
-                                        scores 0 there by construction)
+        text_exact_typed                share of those frames whose whole text the prediction shows right
+        text_exact_typed_copy_last      the same for the last context frame: 0 by construction, for the scale
         text_frames, text_typed_frames  the counts behind them
     """
 
@@ -205,6 +205,7 @@ class TextAccuracy(Metric):
             "text_accuracy_typed": float(self.typed_right[0] / self.typed_scored[0]),
             "text_accuracy_typed_copy_last": float(self.typed_right[1] / self.typed_scored[1]),
             "text_exact_typed": float(self.typed_exact / self.typed_frames),
+            "text_exact_typed_copy_last": float(torch.zeros(()) / self.typed_frames.cpu()),
             "text_frames": float(self.frames),
             "text_typed_frames": float(self.typed_frames),
         }
