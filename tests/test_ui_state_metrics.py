@@ -21,15 +21,21 @@ from gen_lightning.actions import CURSOR_PIXELS
 from gen_lightning.data import ui_app
 from gen_lightning.metrics import ui_text
 from gen_lightning.metrics.ui_frames import cursor_mask, frames_rgb
-from gen_lightning.metrics.ui_state import UNREADABLE, WIDGET_NAMES, WIDGETS, StateAccuracy, read_states
-from gen_lightning.metrics.ui_text import TextAccuracy, matching_characters, read_text
+from gen_lightning.metrics.ui_state import (
+    UNREADABLE,
+    WIDGET_NAMES,
+    WIDGETS,
+    StateAccuracy,
+    logged_states,
+    read_states,
+)
+from gen_lightning.metrics.ui_text import TextAccuracy, matching_characters, read_text, visible_texts
 
 needs_x = pytest.mark.skipif(
     shutil.which("Xvfb") is None or ctypes.util.find_library("Xtst") is None,
     reason="needs Xvfb and libXtst (Debian: xvfb, libxtst6; `make setup` installs them)",
 )
 SIZE = 64
-PANELS = {ui_app.PANEL_START: 0, **{colours[0]: i + 1 for i, colours in enumerate(ui_app.MENU_ITEMS.values())}}
 
 
 def _tensor(image: Image.Image) -> torch.Tensor:
@@ -83,8 +89,9 @@ def _states(
     focused: bool = False,
     **_: Any,
 ) -> list[int]:
-    """What read_states must give (WIDGETS order) for a screen with these settings: the open menu hides the toggle."""
-    return [UNREADABLE if menu_open else int(toggled), int(checked), int(menu_open), PANELS[panel], int(focused)]
+    """What read_states must give for a synthetic screen with these settings."""
+    app_state = {"toggled": toggled, "checked": checked, "menu_open": menu_open, "panel": panel}
+    return logged_states({**app_state, "entry_focused": focused})
 
 
 def test_widget_order_is_the_documented_one():
@@ -183,47 +190,25 @@ def test_text_accuracy_scores_characters_beside_copying():
 
 
 # --- calibration on the real app -------------------------------------------------------------------------------------
-class _LoggingPolicy:
-    """The recorder's scripted user, keeping the app state it is shown before each step (= after the step before)."""
-
-    def __init__(self, inner: Any, log: list[dict[str, Any]]) -> None:
-        self.inner, self.log = inner, log
-
-    def start_position(self) -> tuple[int, int]:
-        return self.inner.start_position()
-
-    def next_step(self, state: dict[str, Any], pointer: tuple[int, int]) -> Any:
-        self.log.append(state)
-        return self.inner.next_step(state, pointer)
-
-
 EPISODES, STEPS, CONTEXT = 12, 32, 4  # covers every state of every widget, the menu, scrolled and selected text
 
 
 @pytest.fixture(scope="module")
 def recorded() -> dict[str, Any]:
-    """Episodes 0..EPISODES-1 of seed 0 as `gen-lightning shards ui` records them, with the app's state after each
-    step (the policy sees it before the next step: one extra step records the last one's)."""
-    from gen_lightning.data.ui_policy import ScriptedPolicy
-    from gen_lightning.data.ui_source import iter_ui_samples, virtual_display
-
-    logs: dict[int, list[dict[str, Any]]] = {}
-
-    def policy_for(episode: int) -> _LoggingPolicy:
-        logs[episode] = []
-        return _LoggingPolicy(ScriptedPolicy(f"ui:0:{episode}"), logs[episode])
+    """Episodes 0..EPISODES-1 of seed 0 as `gen-lightning shards ui` records them, with the app's state before and
+    after each step."""
+    from gen_lightning.data.ui_source import iter_logged_ui_samples, virtual_display
 
     with virtual_display() as display:
-        samples = list(iter_ui_samples(display, range(EPISODES), STEPS + 1, CONTEXT, SIZE, 0, policy_for=policy_for))
-    samples = [s for s in samples if s["json"]["t"] < STEPS]
-    open_png = [Image.open(io.BytesIO(s["png"])) for s in samples]
+        logged = list(iter_logged_ui_samples(display, range(EPISODES), STEPS, CONTEXT, SIZE, 0))
+    samples = [sample for sample, _, _ in logged]
     tiles = [Image.open(io.BytesIO(s["context.png"])) for s in samples]
     return {
-        "real": torch.stack([_tensor(image) for image in open_png]),
+        "real": torch.stack([_tensor(Image.open(io.BytesIO(s["png"]))) for s in samples]),
         "last": torch.stack([_tensor(tile.crop(((CONTEXT - 1) * SIZE, 0, CONTEXT * SIZE, SIZE))) for tile in tiles]),
         "cursor": torch.tensor([[s["action.json"]["x"], s["action.json"]["y"]] for s in samples]),
-        "before": [logs[s["json"]["episode"]][s["json"]["t"]] for s in samples],
-        "after": [logs[s["json"]["episode"]][s["json"]["t"] + 1] for s in samples],
+        "before": [before for _, before, _ in logged],
+        "after": [after for _, _, after in logged],
         "keys": [s["__key__"] for s in samples],
     }
 
@@ -235,20 +220,13 @@ def test_every_real_frame_reads_as_the_app_logged(recorded):
         (recorded["last"], None, recorded["before"]),  # its cursor is the previous action's: found by its colour
     ):
         got = read_states(frames, cursor).tolist()
-        expected = [_states(s["toggled"], s["checked"], s["menu_open"], s["panel"], s["entry_focused"]) for s in log]
+        expected = [logged_states(state) for state in log]
         wrong = [(key, g, e) for key, g, e in zip(recorded["keys"], got, expected, strict=True) if g != e]
         assert not wrong, f"{len(wrong)} of {len(got)} frames misread (key, read, logged): {wrong[:5]}"
     # The recording shows every state of every widget (else this test would prove little).
     after = read_states(recorded["real"], recorded["cursor"])
     for k, widget in enumerate(WIDGETS):
         assert set(after[:, k].tolist()) >= set(range(len(widget.states))), widget.name
-
-
-def _visible(text: str) -> list[str]:
-    """What the entry may show of `text`: all of it when it fits, else any window Tk may have scrolled to."""
-    if len(text) < ui_text.CELLS:
-        return [text.rstrip(" ")]
-    return [text[left : left + ui_text.CELLS].rstrip(" ") for left in range(len(text) + 1)]
 
 
 @needs_x
@@ -261,7 +239,7 @@ def test_every_real_frame_shows_the_text_the_app_logged(recorded):
         wrong = [
             (key, read, state["text"])
             for key, read, state in zip(recorded["keys"], got, log, strict=True)
-            if (read is None) != state["menu_open"] or (read is not None and read not in _visible(state["text"]))
+            if (read is None) != state["menu_open"] or (read is not None and read not in visible_texts(state["text"]))
         ]
         assert not wrong, f"{len(wrong)} of {len(got)} frames misread (key, read, logged): {wrong[:5]}"
     texts = [state["text"] for state in recorded["after"]]

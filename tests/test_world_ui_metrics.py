@@ -1,22 +1,25 @@
 """The world-model evaluation's UI-app metrics: state accuracy and typed-text accuracy, each beside copying the last
-frame, in WorldMetrics, the evaluator's report, W&B and `gen-lightning evaluate`. On episodes recorded from the real
-app (needs Xvfb, as tests/test_ui_source.py); the readers' calibration is tests/test_ui_state_metrics.py."""
+frame, in WorldMetrics, the evaluator behind `gen-lightning evaluate` and a fit's W&B run. On episodes recorded from
+the real app (needs Xvfb, as tests/test_ui_source.py); the readers' calibration is tests/test_ui_state_metrics.py."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from gen_lightning.cli import main
 from gen_lightning.data.datamodule import ShardDataModule
+from gen_lightning.errors import UserInputError
+from gen_lightning.evaluation.evaluators import evaluator_for
 from gen_lightning.evaluation.reference import Reference
 from gen_lightning.evaluation.world import reads_ui_app
 from gen_lightning.metrics.world import WorldMetrics
+from gen_lightning.models.loading import load_model
 from tests.conftest import WORLD_CONTEXT
-from tests.test_ui_state_metrics import needs_x
+from tests.test_ui_state_metrics import fake_screen, needs_x
 from tests.test_world_model import world_fit_args
 from tests.wandb_reader import history
 
@@ -57,7 +60,9 @@ def test_real_next_frames_score_full_marks_and_copying_is_the_baseline(ui_shards
     assert results["state_changes"] >= 30 and results["text_typed_frames"] >= 20, "too few changes to score"
     for name in PAIRS:
         assert results[name] == 1.0, name
-        assert copied[name] == results[f"{name}_copy_last"], name  # the baseline is what copying scores
+        # The baseline is what copying scores. Not always to the last digit: offered as a prediction, the last frame
+        # is read around the new cursor position too (on all 1,952 held-out frames: text 0.7551 against 0.7553).
+        assert copied[name] == pytest.approx(results[f"{name}_copy_last"], abs=1e-3), name
     assert results["state_accuracy_copy_last"] == 0.0 and results["text_exact_typed_copy_last"] == 0.0
     assert results["state_frame_accuracy_copy_last"] < 1.0 and results["text_accuracy_typed_copy_last"] < 1.0
 
@@ -70,7 +75,10 @@ def test_the_readers_run_only_on_the_apps_frames_at_their_recorded_size(ui_shard
     assert not on and "recorded at 64 px, evaluated at 32" in why
     on, why = reads_ui_app(Reference.from_datamodule(val_data(toy_world[1], 16), "test"), None)  # no app's manifest
     assert not on and "names no recording of the UI app" in why
-    assert reads_ui_app(Reference.from_datamodule(val_data(toy_world[1], 16), "test"), True) == (True, "on (asked)")
+    assert reads_ui_app(Reference.from_datamodule(val_data(ui_shards, 32), "test"), True) == (True, "on (asked)")
+    assert reads_ui_app(Reference.from_datamodule(val_data(ui_shards), "test"), False) == (False, "off (asked)")
+    with pytest.raises(UserInputError, match="ui_metrics=true: 16×16 frames are too small to read"):
+        reads_ui_app(Reference.from_datamodule(val_data(toy_world[1], 16), "test"), True)
 
 
 @pytest.fixture(scope="module")
@@ -113,24 +121,26 @@ def test_a_fit_on_the_app_logs_state_and_text_accuracy_to_wandb(ui_world_run):
 
 
 @needs_x
-def test_evaluate_reports_state_and_text_accuracy_beside_copying(ui_world_run, ui_shards, tmp_path, capsys):
-    out = tmp_path / "report.json"
-    main(
-        [
-            "evaluate",
-            f"--ckpt={ui_world_run / 'checkpoints' / 'last.ckpt'}",
-            f"--data={ui_shards}",
-            "--num-samples=32",
-            "--rollouts=1",
-            "--rollout-steps=2",
-            "--steps=2",
-            "--max-real=16",
-            "--num-workers=0",
-            f"--cache-dir={tmp_path / 'cache'}",
-            f"--out={out}",
-        ]
-    )
-    report = json.loads(out.read_text())
-    assert report["ui_metrics"].startswith("on:") and not math.isnan(report["psnr"])
-    assert_ui_metrics(report)
-    assert json.loads(capsys.readouterr().out) == report  # the printed report is the saved one
+def test_the_evaluator_reports_state_and_text_accuracy_beside_copying(ui_world_run, ui_shards):
+    """The evaluator `gen-lightning evaluate` runs on a world checkpoint (its JSON report is results + report(), as
+    tests/test_world_model.py checks with FID; FID is left out here, it costs minutes on 2 cores)."""
+    model = load_model(ui_world_run / "checkpoints" / "last.ckpt")
+    evaluator = evaluator_for(model, fid=False, rollouts=1, rollout_steps=2, steps=2)
+    evaluator.setup(model)
+    reference = Reference.from_datamodule(val_data(ui_shards), "test")
+    results, _ = evaluator(model, reference, 32, torch.Generator().manual_seed(0))
+    assert_ui_metrics(results)
+    assert results["state_frames"] == 32 and not math.isnan(results["psnr"])
+    assert evaluator.report(model)["ui_metrics"].startswith("on:")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_ui_metrics_on_the_gpu_take_gpu_frames():
+    """WorldModelEvaluation moves the metric states to the model's device; the frames are read on the CPU."""
+    metrics = WorldMetrics(rollout_steps=1, ui_app=True).to("cuda")
+    last = torch.stack([fake_screen(text="ca"), fake_screen()]).cuda()
+    real = torch.stack([fake_screen(text="cat"), fake_screen(toggled=True)]).cuda()
+    metrics.update_one_step(real, real, last, torch.tensor([[0.9, 0.1], [0.9, 0.1]], device="cuda"))
+    results = metrics.compute()
+    assert results["state_accuracy"] == 1.0 and results["text_accuracy_typed"] == 1.0
+    assert results["state_frame_accuracy_copy_last"] == 0.5

@@ -16,6 +16,7 @@ from gen_lightning.errors import UserInputError
 from gen_lightning.evaluation.generate import resolved_settings
 from gen_lightning.evaluation.reference import FIDAgainstReference, Reference
 from gen_lightning.images import make_grid
+from gen_lightning.metrics.ui_text import read_text
 from gen_lightning.metrics.world import WorldMetrics, episodes_from
 from gen_lightning.models.world_model import NextFrame
 from gen_lightning.progress import progress
@@ -152,8 +153,14 @@ def reads_ui_app(reference: Reference, wanted: bool | None) -> tuple[bool, str]:
 
     The readers know one app at one look (gen_lightning.ui_layout) and are calibrated on frames as the recorder
     writes them; frames resized on the way in would not keep the app's exact colours."""
+    if wanted:
+        try:  # the readers refuse frames too small to hold a whole pixel of each area they read
+            read_text(torch.zeros(1, 3, reference.image_size, reference.image_size))
+        except ValueError as err:
+            raise UserInputError(f"ui_metrics=true: {err}") from err
+        return True, "on (asked)"
     if wanted is not None:
-        return wanted, "on (asked)" if wanted else "off (asked)"
+        return False, "off (asked)"
     source = reference.source or {}
     app = source.get("app") if isinstance(source.get("app"), dict) else {}
     if source.get("name") != "ui" or app.get("name") != APP_NAME:

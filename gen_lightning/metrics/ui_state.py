@@ -22,7 +22,9 @@ right, on every frame), where copying the screen is the strong baseline a world 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchmetrics import Metric
@@ -92,6 +94,20 @@ WIDGETS: tuple[Widget, ...] = (
     ),
 )
 WIDGET_NAMES: tuple[str, ...] = tuple(widget.name for widget in WIDGETS)
+
+
+def logged_states(app_state: Mapping[str, Any]) -> list[int]:
+    """What read_states must give (WIDGETS order) for a screen of the app in `app_state` (data.ui_app's
+    UiApp.state(): toggled, checked, menu_open, panel, entry_focused): the open menu hides the toggle."""
+    panels = [colours[0] for _, colours in WIDGETS[WIDGET_NAMES.index("panel")].states]
+    states = {
+        "toggle": UNREADABLE if app_state["menu_open"] else int(app_state["toggled"]),
+        "checkbox": int(app_state["checked"]),
+        "menu": int(app_state["menu_open"]),
+        "panel": panels.index(app_state["panel"]),
+        "focus": int(app_state["entry_focused"]),
+    }
+    return [states[name] for name in WIDGET_NAMES]
 
 
 def state_shares(frames: torch.Tensor, cursor: torch.Tensor | None = None) -> list[torch.Tensor]:

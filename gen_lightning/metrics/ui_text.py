@@ -130,6 +130,14 @@ def read_text(frames: torch.Tensor, cursor: torch.Tensor | None = None) -> list[
     return texts
 
 
+def visible_texts(text: str) -> list[str]:
+    """What read_text may give for an entry holding `text` (the app's log): all of it when it fits, else any window
+    of CELLS characters Tk may have scrolled to (trailing blanks dropped, as read_text drops them)."""
+    if len(text) < CELLS:
+        return [text.rstrip(" ")]
+    return [text[left : left + CELLS].rstrip(" ") for left in range(len(text) + 1)]
+
+
 def matching_characters(shown: str | None, real: str) -> tuple[int, int]:
     """(characters right, characters scored) of `shown` against `real`, cell by cell: every cell that either
     shows a character counts, so missing, wrong and extra characters all cost. None (no readable text) shows none."""
