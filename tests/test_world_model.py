@@ -376,6 +376,8 @@ def test_evaluate_cli_reports_world_metrics_and_fid(world_run, toy_world, tmp_pa
     report = json.loads(out.read_text())
     assert report["fid"] > 0 and 0 < report["psnr"] < 100 and "rollout_psnr_t04" in report
     assert report["psnr_copy_last"] > 0 and Path(report["strips"]["rollout"]).is_file()
+    # The toy desktop is not the UI app: no state or text readings (tests/test_world_ui_metrics.py has them).
+    assert report["ui_metrics"].startswith("off:") and not any(k.startswith(("state_", "text_")) for k in report)
     assert json.loads(capsys.readouterr().out) == report
     # Options for image models are refused, not silently ignored.
     with pytest.raises(SystemExit):

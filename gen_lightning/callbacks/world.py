@@ -17,8 +17,9 @@ class WorldModelEvaluation(PeriodicSampling):
     """Every `every_n_steps` optimizer steps (0: only at the end of training), on the validation shards (held-out
     episodes, each rank its share): predict the next frame of `num_samples` val samples (over all ranks) and score
     PSNR / SSIM / cursor accuracy against the real next frame (and the copy-last-frame baseline), FID of predicted vs
-    real frames when `fid`, and roll `rollouts` episodes out for `rollout_steps` steps from their first context,
-    feeding the model its own frames (PSNR per step). Logs `val/<metric>` and the images `world/one_step` (rows:
+    real frames when `fid`, on the UI app's frames its widget states and typed text (beside copying), and roll
+    `rollouts` episodes out for `rollout_steps` steps from their first context, feeding the model its own frames
+    (PSNR per step). Logs `val/<metric>` and the images `world/one_step` (rows:
     context frames, real next, predicted) and `world/rollout` (per episode a row of real frames above a row of
     predicted ones), also written to `<root>/world/`.
 
@@ -28,6 +29,8 @@ class WorldModelEvaluation(PeriodicSampling):
         strips: rows in the one-step image.
         fid / weights / cache_dir / max_real: FID against the val frames' cached statistics (see GenerativeEvaluation).
         cursor_tolerance: pixels between predicted and real cursor that still count as a hit.
+        ui_metrics: score the UI app's widget states and typed text beside copying the last frame (`val/state_*`,
+            `val/text_*`); None: when the val shards' manifest says they are the app's frames (see WorldEvaluator).
     """
 
     def __init__(
@@ -45,13 +48,14 @@ class WorldModelEvaluation(PeriodicSampling):
         cache_dir: str | None = None,
         max_real: int | None = None,
         cursor_tolerance: float = 2.0,
+        ui_metrics: bool | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(every_n_steps, num_samples, sampler, steps, None, seed)
         self.options = {
             "fid": fid, "weights": weights, "cache_dir": cache_dir, "max_real": max_real, "rollouts": rollouts,
-            "rollout_steps": rollout_steps, "cursor_tolerance": cursor_tolerance, "batch_size": batch_size,
-            "strips": strips,
+            "rollout_steps": rollout_steps, "cursor_tolerance": cursor_tolerance, "ui_metrics": ui_metrics,
+            "batch_size": batch_size, "strips": strips,
         }  # fmt: skip
         self.evaluator: WorldEvaluator | None = None
         self.last_results: dict[str, float] = {}

@@ -328,6 +328,16 @@ class ShardDataModule(L.LightningDataModule):
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def val_source(self) -> dict[str, Any] | None:
+        """What the val shards were made from: the manifest's `source` entry (the recorder's app name and version,
+        its frame size, ...) when data.val is a shard folder (or its manifest.json); None for a URL pattern."""
+        if not self.val or split_urls(self.val, "val") == self.val:
+            return None
+        from gen_lightning.data.shard_writer import read_manifest
+
+        source = read_manifest(Path(self.val)).get("source")
+        return source if isinstance(source, dict) else None
+
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []

@@ -23,39 +23,40 @@ import sys
 import tkinter as tk
 from typing import Any, TextIO
 
-SCREEN = 128  # the virtual screen is SCREEN × SCREEN pixels; the app fills it
-APP_NAME = "tk_panel"
-APP_VERSION = 1  # bump when the look or the behaviour changes: recorded data and trained models depend on it
-
-BACKGROUND = "#e0e0e0"
-HOVER = "#ffe040"  # yellow: the hover highlight of the toggle (off), the checkbox and the menubutton
-TOGGLE_OFF, TOGGLE_ON, TOGGLE_ON_HOVER = "#b0b0b0", "#0a2a80", "#4080ff"
-CHECKED_BACKGROUND = "#80e080"
-MENU_BUTTON = "#303030"
-PANEL_START = "#ffffff"
-# Menu item -> (its colour, its hover colour); the chosen colour paints the panel.
-MENU_ITEMS = {"red": ("#d02020", "#ff6040"), "green": ("#208020", "#40c040"), "blue": ("#1050c0", "#40a0ff")}
-ENTRY_FOCUS_RING, ENTRY_RING = "#ff8000", "#909090"
-
-FONT = ("DejaVu Sans", -18, "bold")  # negative size: pixels, independent of the X server's DPI
-ENTRY_FONT = ("DejaVu Sans Mono", -22, "bold")
-
-# Widget name -> (x, y, width, height) on the screen.
-LAYOUT = {
-    "menu": (0, 0, 64, 32),
-    "panel": (64, 0, 64, 32),
-    "toggle": (0, 32, 64, 48),
-    "checkbox": (64, 32, 64, 48),
-    "entry": (0, 84, 128, 40),
-}
+# The app's name, version and look live in a leaf module that the frame readers (metrics.ui_state, metrics.ui_text)
+# share; re-exported here, where the recorder and its tests read them.
+from gen_lightning.ui_layout import (  # noqa: F401 (APP_NAME, APP_VERSION: the recorder's manifest reads them here)
+    APP_NAME,
+    APP_VERSION,
+    BACKGROUND,
+    BOX_BORDER,
+    BOX_CHECKED,
+    BOX_SIDE,
+    BOX_UNCHECKED,
+    CHECKED_BACKGROUND,
+    ENTRY_FOCUS_RING,
+    ENTRY_FONT,
+    ENTRY_RING,
+    ENTRY_SELECTION,
+    FONT,
+    HOVER,
+    LAYOUT,
+    MENU_BUTTON,
+    MENU_ITEMS,
+    PANEL_START,
+    SCREEN,
+    TOGGLE_OFF,
+    TOGGLE_ON,
+    TOGGLE_ON_HOVER,
+)
 
 
 def _box_image(root: tk.Tk, checked: bool) -> tk.PhotoImage:
     """The checkbox indicator: 32 px, black 3-px border, white or dark green with a white tick."""
-    side, border = 32, 3
+    side, border = BOX_SIDE, BOX_BORDER
     image = tk.PhotoImage(master=root, width=side, height=side)
     image.put("#000000", to=(0, 0, side, side))
-    image.put("#1b5e20" if checked else "#ffffff", to=(border, border, side - border, side - border))
+    image.put(BOX_CHECKED if checked else BOX_UNCHECKED, to=(border, border, side - border, side - border))
     if checked:
         for x in range(8, 25):  # a thick tick: down-right to (13, 22), then up-right
             y = 16 + (x - 8) if x <= 13 else 22 - (x - 13)
@@ -105,7 +106,7 @@ class UiApp:
             root, font=ENTRY_FONT, background="#ffffff", foreground="#000000", relief="flat", borderwidth=2,
             highlightthickness=5, highlightcolor=ENTRY_FOCUS_RING, highlightbackground=ENTRY_RING,
             insertbackground="#000000", insertwidth=4, insertofftime=0,  # no blinking: no clock in the frames
-            selectbackground="#2080ff", selectforeground="#ffffff", exportselection=False,
+            selectbackground=ENTRY_SELECTION, selectforeground="#ffffff", exportselection=False,
         )  # fmt: skip
         self._tame_entry()
         self._draw_toggle()

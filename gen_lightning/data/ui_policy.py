@@ -159,6 +159,23 @@ class ReplayPolicy:
         return Step(kind, x, y, target, key)
 
 
+class LoggingPolicy:
+    """Another policy, keeping in `log` the app state it is shown before each step (= the state after the step
+    before): what the frame readers (metrics.ui_state, metrics.ui_text) are checked against (ui_source's
+    iter_logged_ui_samples)."""
+
+    def __init__(self, inner: ScriptedPolicy | ReplayPolicy) -> None:
+        self.inner = inner
+        self.log: list[dict[str, Any]] = []
+
+    def start_position(self) -> tuple[int, int]:
+        return self.inner.start_position()
+
+    def next_step(self, state: dict[str, Any], pointer: tuple[int, int]) -> Step:
+        self.log.append(state)
+        return self.inner.next_step(state, pointer)
+
+
 def _clamp(value: int) -> int:
     return min(ui_app.SCREEN - 1, max(0, value))
 

@@ -41,7 +41,7 @@ from PIL import Image, ImageGrab, features
 from gen_lightning.actions import KEYS, check_action, draw_cursor
 from gen_lightning.data import ui_app
 from gen_lightning.data.shard_writer import write_shards
-from gen_lightning.data.ui_policy import ReplayPolicy, ScriptedPolicy, Step, action_of
+from gen_lightning.data.ui_policy import LoggingPolicy, ReplayPolicy, ScriptedPolicy, Step, action_of
 from gen_lightning.errors import UserInputError
 from gen_lightning.progress import progress
 
@@ -267,7 +267,7 @@ def iter_ui_samples(
     context: int = 4,
     size: int = 64,
     seed: int = 0,
-    policy_for: Callable[[int], ScriptedPolicy | ReplayPolicy] | None = None,
+    policy_for: Callable[[int], ScriptedPolicy | ReplayPolicy | LoggingPolicy] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Samples of the given episode numbers, `steps` steps each, episode by episode, step by step (layout: see
     write_ui_shards). An episode's samples depend only on (seed, its number), not on the episodes before it.
@@ -305,6 +305,27 @@ def iter_ui_samples(
                 history.append(frame)
     finally:
         recorder.close()
+
+
+def iter_logged_ui_samples(
+    display: str, episodes: Iterable[int], steps: int = 32, context: int = 4, size: int = 64, seed: int = 0
+) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """iter_ui_samples' samples, each as (sample, the app's state before its action, after it) (UiApp.state()): the
+    truth the frame readers are calibrated against. The policy sees the state after a step only when it plans the
+    next one, so each episode records one step more, which is not yielded."""
+    logs: dict[int, list[dict[str, Any]]] = {}
+
+    def policy_for(episode: int) -> LoggingPolicy:
+        policy = LoggingPolicy(ScriptedPolicy(f"ui:{seed}:{episode}"))  # iter_ui_samples' own user
+        logs[episode] = policy.log
+        return policy
+
+    previous: dict[str, Any] | None = None
+    for sample in iter_ui_samples(display, episodes, steps + 1, context, size, seed, policy_for=policy_for):
+        if previous is not None:  # its step's after-state is logged now that this step has been planned
+            episode, t = previous["json"]["episode"], previous["json"]["t"]
+            yield previous, logs[episode][t], logs[episode][t + 1]
+        previous = sample if sample["json"]["t"] < steps else None
 
 
 def app_description() -> dict[str, Any]:

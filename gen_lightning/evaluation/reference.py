@@ -31,19 +31,23 @@ def default_cache_dir() -> Path:
 class Reference:
     """The images generated ones are compared with: this rank's share of a val split, read by `batches()` (dicts with
     `image`, and `caption` for captioned shards), identified for the cache by the shard `urls` and `image_size`.
-    `num_samples`: the split's size over all ranks when known (for the progress line's ETA)."""
+    `num_samples`: the split's size over all ranks when known (for the progress line's ETA). `source`: what the
+    shards were made from (their manifest's `source`: e.g. the UI recorder's app and frame size), None if unknown."""
 
     urls: list[str]
     image_size: int
     batches: Callable[[], Iterable[dict[str, Any]]]
     num_samples: int | None = None
+    source: dict[str, Any] | None = None
 
     @classmethod
     def from_datamodule(cls, data: ShardDataModule | None, user: str) -> Reference:
         """The val split of a set-up ShardDataModule (evaluation reads it; it does not build data pipelines)."""
         if data is None or not getattr(data, "val_urls", None):
             raise ValueError(f"{user} needs validation shards (data.val): they are its reference images")
-        return cls(list(data.val_urls), int(data.image_size), data.val_dataloader, data.val_sample_count())
+        return cls(
+            list(data.val_urls), int(data.image_size), data.val_dataloader, data.val_sample_count(), data.val_source()
+        )
 
 
 def shard_set_key(urls: list[str]) -> list[Any]:

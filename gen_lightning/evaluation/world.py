@@ -1,6 +1,7 @@
 """Evaluation of a world model on held-out episodes: one-step predictions (PSNR / SSIM / cursor accuracy against the
-real next frame and the copy-last-frame baseline, FID of predicted vs real frames) and autoregressive rollouts that
-feed the model its own frames (PSNR per step), with image strips of both."""
+real next frame and the copy-last-frame baseline, FID of predicted vs real frames; on the UI recorder's app, state
+and typed-text accuracy beside copying) and autoregressive rollouts that feed the model its own frames (PSNR per
+step), with image strips of both."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from gen_lightning.errors import UserInputError
 from gen_lightning.evaluation.generate import resolved_settings
 from gen_lightning.evaluation.reference import FIDAgainstReference, Reference
 from gen_lightning.images import make_grid
+from gen_lightning.metrics.ui_text import read_text
 from gen_lightning.metrics.world import WorldMetrics, episodes_from
 from gen_lightning.models.world_model import NextFrame
 from gen_lightning.progress import progress
+from gen_lightning.ui_layout import APP_NAME, APP_VERSION
 
 
 class WorldEvaluator:
@@ -30,6 +33,9 @@ class WorldEvaluator:
         fid / weights / cache_dir / max_real: FID of predicted frames against the val frames (FIDAgainstReference).
         rollouts / rollout_steps: episodes rolled out over all ranks, and their length.
         cursor_tolerance: see metrics.world.WorldMetrics.
+        ui_metrics: score the UI app's widget states and typed text (metrics.ui_state, metrics.ui_text). None: when
+            the val shards' manifest says they are that app's frames (its name and version, at the size evaluated);
+            True: always (an error where the frames are too small to read); False: never.
         batch_size: val samples predicted at once. strips: rows in the one-step strip.
         steps / sampler: sampling settings (None: the model's defaults).
     """
@@ -44,6 +50,7 @@ class WorldEvaluator:
         rollouts: int = 4,
         rollout_steps: int = 16,
         cursor_tolerance: float = 2.0,
+        ui_metrics: bool | None = None,
         batch_size: int = 64,
         strips: int = 8,
         steps: int | None = None,
@@ -54,6 +61,8 @@ class WorldEvaluator:
         )
         self.metrics = WorldMetrics(rollout_steps, cursor_tolerance)
         self.rollouts, self.rollout_steps = rollouts, rollout_steps
+        self.ui_metrics = ui_metrics
+        self.ui_reason = "not decided yet: no evaluation has run"
         self.batch_size, self.strips = batch_size, strips
         self.sampling: dict[str, Any] = {"steps": steps, "sampler": sampler}
 
@@ -78,6 +87,7 @@ class WorldEvaluator:
         reference statistics are read at the first call."""
         if self.fid is not None:
             self.fid.load_reference(reference, rank, world)
+        self.metrics.ui_app, self.ui_reason = reads_ui_app(reference, self.ui_metrics)
         rows = self.one_step(model, reference.batches(), rank_count(num_samples, world, rank), generator, rank)
         episodes = self.rollout(model, reference.batches(), -(-self.rollouts // world), generator, rank)
         results = self.metrics.compute()
@@ -107,7 +117,7 @@ class WorldEvaluator:
                 predicted = model.sample(
                     n, NextFrame(frames, batch["action"][:n]), generator=generator, **self.sampling
                 )
-                self.metrics.update_one_step(predicted, real, frames[:, -1])
+                self.metrics.update_one_step(predicted, real, frames[:, -1], batch["action"][:n, :2])
                 if self.fid is not None:
                     self.fid.update(predicted)
                 for i in range(min(n, self.strips - len(rows))):
@@ -134,4 +144,30 @@ class WorldEvaluator:
     def report(self, model: Any) -> dict[str, Any]:
         fid = self.fid.report() if self.fid is not None else {}
         rollouts = {"rollouts": self.rollouts, "rollout_steps": self.rollout_steps}
-        return {**fid, **rollouts, **resolved_settings(model, **self.sampling)}
+        ui = {"ui_metrics": self.ui_reason}
+        return {**fid, **rollouts, **ui, **resolved_settings(model, **self.sampling)}
+
+
+def reads_ui_app(reference: Reference, wanted: bool | None) -> tuple[bool, str]:
+    """Whether to read the UI app's states and text off these frames, and why (for the report).
+
+    The readers know one app at one look (gen_lightning.ui_layout) and are calibrated on frames as the recorder
+    writes them; frames resized on the way in would not keep the app's exact colours."""
+    if wanted:
+        try:  # the readers refuse frames too small to hold a whole pixel of each area they read
+            read_text(torch.zeros(1, 3, reference.image_size, reference.image_size))
+        except ValueError as err:
+            raise UserInputError(f"ui_metrics=true: {err}") from err
+        return True, "on (asked)"
+    if wanted is not None:
+        return False, "off (asked)"
+    source = reference.source or {}
+    app = source.get("app") if isinstance(source.get("app"), dict) else {}
+    if source.get("name") != "ui" or app.get("name") != APP_NAME:
+        return False, f"off: the val shards' manifest names no recording of the UI app {APP_NAME!r}"
+    if app.get("version") != APP_VERSION:
+        return False, f"off: the val shards record {APP_NAME} v{app.get('version')}, the readers know v{APP_VERSION}"
+    if source.get("frame_size") != reference.image_size:
+        recorded, evaluated = source.get("frame_size"), reference.image_size
+        return False, f"off: recorded at {recorded} px, evaluated at {evaluated} px: the readers need unresized frames"
+    return True, f"on: the val shards are {APP_NAME} v{APP_VERSION} frames"

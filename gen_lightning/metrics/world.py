@@ -9,6 +9,11 @@ the rollout started from.
 
 Cursor accuracy: the recorder draws the cursor as a magenta sprite (actions). A frame's cursor position is the
 centroid of its magenta pixels; a prediction hits when its cursor is within `tolerance` pixels of the real next frame's.
+
+On frames of the UI recorder's app (`ui_app`), also the app's state and typed text read off the predicted and the
+real next frames (metrics.ui_state, metrics.ui_text: calibrated so that real frames read 100% right): state accuracy
+over the widgets an action really changed and over whole frames, typed-text accuracy, each beside copying the last
+context frame (`*_copy_last`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from gen_lightning.actions import CURSOR_RGB
 from gen_lightning.images import psnr
+from gen_lightning.metrics.ui_state import StateAccuracy
+from gen_lightning.metrics.ui_text import TextAccuracy
 
 
 class MeanVector(Metric):
@@ -81,18 +88,36 @@ def cursor_hits(predicted: torch.Tensor, real: torch.Tensor, tolerance: float) -
 
 
 class WorldMetrics(torch.nn.Module):
-    """Accumulates one-step and rollout metrics; `compute()` returns plain floats (summed over ranks)."""
+    """Accumulates one-step and rollout metrics; `compute()` returns plain floats (summed over ranks).
 
-    def __init__(self, rollout_steps: int, cursor_tolerance: float = 2.0) -> None:
+    `ui_app`: the frames are the UI recorder's app (data.ui_app, as gen_lightning.ui_layout draws it), so the one-step
+    predictions are also scored by the app's widget states and typed text (StateAccuracy, TextAccuracy); they need
+    the action's cursor position in update_one_step. Set it before the first update."""
+
+    def __init__(self, rollout_steps: int, cursor_tolerance: float = 2.0, ui_app: bool = False) -> None:
         super().__init__()
         self.one_step = MeanVector(4)  # psnr, psnr_copy_last, ssim, cursor_accuracy
         self.rollout = MeanVector(rollout_steps)
         self.rollout_copy = MeanVector(1)
+        self.states, self.text = StateAccuracy(), TextAccuracy()
         self.rollout_steps = rollout_steps
         self.cursor_tolerance = cursor_tolerance
+        self.ui_app = ui_app
 
-    def update_one_step(self, predicted: torch.Tensor, real: torch.Tensor, last_context: torch.Tensor) -> None:
+    def update_one_step(
+        self,
+        predicted: torch.Tensor,
+        real: torch.Tensor,
+        last_context: torch.Tensor,
+        cursor: torch.Tensor | None = None,
+    ) -> None:
+        """Frames in [-1, 1] NCHW; `cursor`: the action's (x, y), [N, 2] fractions of the frame (action[:, :2]),
+        where the predicted and real next frames draw the cursor sprite (the UI readers look past it)."""
         predicted, real, last_context = predicted.cpu(), real.cpu(), last_context.cpu()
+        if self.ui_app:
+            cursor = cursor.cpu() if cursor is not None else None
+            self.states.update(predicted, real, last_context, cursor)
+            self.text.update(predicted, real, last_context, cursor)
         values = torch.stack(
             [
                 psnr(predicted, real).double(),
@@ -118,16 +143,18 @@ class WorldMetrics(torch.nn.Module):
     def compute(self) -> dict[str, float]:
         one_step = self.one_step.compute().tolist()
         results = dict(zip(("psnr", "psnr_copy_last", "ssim", "cursor_accuracy"), one_step, strict=True))
-        curve = self.rollout.compute().tolist()
+        curve = self.rollout.compute().reshape(-1).tolist()  # torchmetrics squeezes a 1-step curve to a scalar
         results["rollout_psnr"] = float(torch.tensor(curve).nanmean())
         results["rollout_psnr_copy_first"] = float(self.rollout_copy.compute().reshape(-1)[0])
         results.update({f"rollout_psnr_t{step + 1:02d}": value for step, value in enumerate(curve)})
+        if self.ui_app:
+            results.update(self.states.compute())
+            results.update(self.text.compute())
         return results
 
     def reset(self) -> None:
-        self.one_step.reset()
-        self.rollout.reset()
-        self.rollout_copy.reset()
+        for metric in (self.one_step, self.rollout, self.rollout_copy, self.states, self.text):
+            metric.reset()
 
 
 def episodes_from(batches: Iterable[dict[str, Any]], count: int, length: int) -> dict[str, torch.Tensor]:
