@@ -15,49 +15,20 @@ import os
 import pickle
 import time
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-log = logging.getLogger("gen_lightning")
+from gen_lightning.atomic import TEMP_PREFIX, write_atomic
 
-TEMP_PREFIX = ".tmp-"
+log = logging.getLogger("gen_lightning")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     write_atomic(Path(path), lambda handle: torch.save(obj, handle))
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda handle: handle.write(data))
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """`write(handle)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder: a reader (or a
-    restart after a kill at any moment) sees the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(temp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def remove_stale_temp_files(folder: Path) -> None:

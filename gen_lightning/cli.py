@@ -193,6 +193,8 @@ def evaluate_main(args: Sequence[str]) -> None:
     add_sampling_options(parser)
     parser.add_argument("--data", required=True, help="reference shards: URL pattern, or a shard folder (val split)")
     parser.add_argument("--num-samples", type=int, default=1000, help="generated images (default 1000)")
+    parser.add_argument("--floor-data", default="auto", help="training shards: the FID of as many of their images is "
+                        "fid_floor (auto: --data's train split if it is a shard folder; none: no floor)")  # fmt: skip
     parser.add_argument("--max-real", type=int, default=None, help="cap on reference images (default: all)")
     parser.add_argument("--clip", help="CLIP for the CLIP score: gen_lightning CLIP checkpoint or local HF CLIP folder")
     parser.add_argument("--no-kid", action="store_true")
@@ -208,6 +210,7 @@ def evaluate_main(args: Sequence[str]) -> None:
     import torch
 
     from gen_lightning.data.datamodule import ShardDataModule
+    from gen_lightning.data.urls import train_split_of
     from gen_lightning.evaluation.evaluators import evaluator_for
     from gen_lightning.evaluation.reference import Reference
     from gen_lightning.images import save_image_atomic
@@ -226,6 +229,7 @@ def evaluate_main(args: Sequence[str]) -> None:
     evaluator = evaluator_for(model, **options)
     image_size = int(model.hparams.image_size)
     data = ShardDataModule(
+        train={"auto": train_split_of(ns.data), "none": None}.get(ns.floor_data, ns.floor_data),
         val=ns.data, image_size=image_size, batch_size=ns.batch_size, num_workers=ns.num_workers,
         require_captions=model.kind == "text-to-image",  # no Trainer to ask: an uncaptioned sample is no prompt
     )  # fmt: skip

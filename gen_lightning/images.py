@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from gen_lightning.atomic import write_atomic
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -43,10 +44,7 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
 def save_image_atomic(image: Image.Image, path: str | Path) -> Path:
     """Write a PNG via a temporary file + rename, so a reader never sees half an image."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: image.save(handle, format="PNG"))
     return path
 
 

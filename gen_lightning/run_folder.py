@@ -24,13 +24,13 @@ from typing import Any
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from gen_lightning.atomic import write_bytes_atomic
 from gen_lightning.checkpointing import (
     CheckpointSummary,
     checkpoint_files,
     find_resume_checkpoint,
     read_checkpoint_summary,
     set_aside,
-    write_bytes_atomic,
 )
 
 log = logging.getLogger("gen_lightning")

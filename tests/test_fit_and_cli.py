@@ -143,6 +143,51 @@ def test_evaluate_cli_writes_report_and_reuses_reference(tiny_run, toy_shards, t
     again = json.loads((tmp_path / "report.json").read_text())
     assert again["reference_cached"] is True
     assert again["fid"] == pytest.approx(report["fid"], rel=1e-6)  # same seed, same reference: same number
+    assert again["fid_floor"] == report["fid_floor"] and list((tmp_path / "cache").glob("*.floor.json"))
+
+
+@pytest.mark.slow
+def test_evaluate_reports_the_fid_floor_of_as_many_training_images(tiny_run, toy_shards, tmp_path):
+    """fid_floor is the FID of the first --num-samples training images (in shard order, centre-cropped) against the
+    same reference, here recomputed from the tar files with the metric alone; --floor-data none leaves it out."""
+    import json
+    import random
+    import tarfile
+
+    from PIL import Image
+
+    from gen_lightning.data.decode import ImageTransform
+    from gen_lightning.metrics.generative import GenerativeMetrics
+    from gen_lightning.metrics.inception import FIDInceptionV3
+
+    ckpt, report_path = tiny_run / "checkpoints" / "last.ckpt", tmp_path / "report.json"
+    size = int(load_model(ckpt).hparams.image_size)
+    common = ["--ckpt", str(ckpt), "--data", str(toy_shards), "--num-samples", "6", "--steps", "2", "--max-real", "8",
+              "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"), "--out", str(report_path)]  # fmt: skip
+    main(["evaluate", *common])
+    report = json.loads(report_path.read_text())
+
+    def first_images(split: str, count: int) -> torch.Tensor:
+        images = []
+        for shard in sorted(toy_shards.glob(f"{split}-*.tar")):
+            with tarfile.open(shard) as tar:
+                for member in (m for m in tar.getmembers() if m.name.endswith(".png")):  # in tar order, as read
+                    with Image.open(tar.extractfile(member)) as image:
+                        images.append(ImageTransform(size)(image, random.Random(0)))
+            if len(images) >= count:
+                return torch.stack(images[:count])
+        raise AssertionError(f"fewer than {count} {split} images")
+
+    metrics = GenerativeMetrics(FIDInceptionV3(), kid=True)
+    metrics.update(first_images("val", 8), real=True)
+    metrics.update(first_images("train", 6), real=False)
+    expected = metrics.compute()
+    assert report["fid_floor"] == pytest.approx(expected["fid"], rel=1e-4)
+    assert report["kid_floor"] == pytest.approx(expected["kid"], rel=1e-4, abs=1e-6)
+    assert report["fid_floor"] != pytest.approx(report["fid"], rel=1e-3)  # the model's FID is not the floor's
+
+    main(["evaluate", *common, "--floor-data", "none"])
+    assert "fid_floor" not in json.loads(report_path.read_text())
 
 
 def test_checkpoint_holds_ema_and_loads_weights_only(tiny_run):

@@ -250,9 +250,9 @@ class ShardDataModule(L.LightningDataModule):
         return trainer is not None and model_trains_on_captions(trainer.lightning_module)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train and stage in (None, "fit"):
+        if self.train:  # also outside fit: the FID floor reads the training images
             self.train_urls = expand_pattern(split_urls(self.train, "train"))
-            if self.samples_per_epoch is None:
+            if stage in (None, "fit") and self.samples_per_epoch is None:
                 self.samples_per_epoch = self._manifest_count(self.train, "train")
         if self.val:
             self.val_urls = expand_pattern(split_urls(self.val, "val"))
@@ -350,6 +350,21 @@ class ShardDataModule(L.LightningDataModule):
             world,
             require_caption=self.captions_required(),
             source=f"data.val={self.val!r}",
+        )
+        return self._loader(stream)
+
+    def train_in_order(self) -> DataLoader:
+        """The training split read as the val split is (each sample once over all ranks, in shard order, centre-
+        cropped, never flipped), for the FID floor: real training images in place of generated ones."""
+        rank, world = self._distributed()
+        stream = ValStream(
+            self.train_urls,
+            ImageTransform(self.image_size),
+            self.val_batch_size,
+            rank,
+            world,
+            require_caption=False,
+            source=f"data.train={self.train!r}",
         )
         return self._loader(stream)
 

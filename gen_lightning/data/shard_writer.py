@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gen_lightning.atomic import write_bytes_atomic
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gen_lightning.shards/1"
 SPLITS = ("train", "val")
@@ -66,9 +68,7 @@ def _encode(sample: Mapping[str, Any]) -> dict[str, bytes | str]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 class _SplitWriter:

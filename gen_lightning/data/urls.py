@@ -60,3 +60,8 @@ def split_urls(source: str, split: str) -> str:
 
         return shard_pattern(path if path.is_dir() else path.parent, split)
     return source
+
+
+def train_split_of(source: str) -> str | None:
+    """A shard folder's (or manifest's) train split; None for a URL pattern, which names one split only."""
+    return source if split_urls(source, "train") != source else None

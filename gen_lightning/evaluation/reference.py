@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gen_lightning.atomic import write_bytes_atomic
+from gen_lightning.distributed import rank_count
 from gen_lightning.metrics.generative import GenerativeMetrics
 from gen_lightning.metrics.inception import FIDInceptionV3
 from gen_lightning.progress import progress
@@ -32,21 +34,31 @@ class Reference:
     """The images generated ones are compared with: this rank's share of a val split, read by `batches()` (dicts with
     `image`, and `caption` for captioned shards), identified for the cache by the shard `urls` and `image_size`.
     `num_samples`: the split's size over all ranks when known (for the progress line's ETA). `source`: what the
-    shards were made from (their manifest's `source`: e.g. the UI recorder's app and frame size), None if unknown."""
+    shards were made from (their manifest's `source`: e.g. the UI recorder's app and frame size), None if unknown.
+    `floor_urls` and `floor_batches`: training images read the same way, whose FID against the reference is the
+    metric's floor (None: no training split known, no floor)."""
 
     urls: list[str]
     image_size: int
     batches: Callable[[], Iterable[dict[str, Any]]]
     num_samples: int | None = None
     source: dict[str, Any] | None = None
+    floor_urls: list[str] | None = None
+    floor_batches: Callable[[], Iterable[dict[str, Any]]] | None = None
 
     @classmethod
     def from_datamodule(cls, data: ShardDataModule | None, user: str) -> Reference:
         """The val split of a set-up ShardDataModule (evaluation reads it; it does not build data pipelines)."""
         if data is None or not getattr(data, "val_urls", None):
             raise ValueError(f"{user} needs validation shards (data.val): they are its reference images")
+        floor = {"floor_urls": list(data.train_urls), "floor_batches": data.train_in_order} if data.train_urls else {}
         return cls(
-            list(data.val_urls), int(data.image_size), data.val_dataloader, data.val_sample_count(), data.val_source()
+            list(data.val_urls),
+            int(data.image_size),
+            data.val_dataloader,
+            data.val_sample_count(),
+            data.val_source(),
+            **floor,
         )
 
 
@@ -139,6 +151,34 @@ class FIDAgainstReference:
     def update(self, images: torch.Tensor) -> None:
         self.metrics.update(images, real=False)
 
+    def floor(self, reference: Reference, count: int, rank: int = 0, world: int = 1) -> dict[str, float]:
+        """The metric's floor: FID (and KID) of `count` real training images (this rank its share, in shard order)
+        against the same reference, as `fid_floor` (`kid_floor`); {} without training shards. A model's FID is only
+        meaningful beside it: FID against a small reference is biased upwards, and the floor shows by how much.
+        Cached on disk like the reference statistics, keyed by both shard sets and the count."""
+        if reference.floor_batches is None or reference.floor_urls is None:
+            return {}
+        self.load_reference(reference, rank, world)
+        key = {**reference_key(reference, self.metrics.extractor, self.max_real), "kid": self.metrics.kid is not None,
+               "floor_shards": shard_set_key(reference.floor_urls), "floor_count": count}  # fmt: skip
+        path = cache_path(key, self.cache_dir).with_suffix(".floor.json")
+        cached = _read_json(path)
+        if cached.get("key") == key:
+            return cached["floor"]
+        share, seen = rank_count(count, world, rank), 0
+        with progress(total=share, desc="FID floor (real training images)", unit="images", rank=rank) as bar:
+            for batch in reference.floor_batches():
+                images = batch["image"][: share - seen]
+                self.update(images.to(self.metrics.fid.real_features_sum.device))
+                seen += len(images)
+                bar.update(len(images))
+                if seen >= share:
+                    break
+        floor = {f"{name}_floor": value for name, value in self.compute().items()}
+        if rank == 0:
+            write_bytes_atomic(path, json.dumps({"key": key, "floor": floor}).encode())
+        return floor
+
     def compute(self) -> dict[str, float]:
         """fid (+ kid, kid_std) over every rank's generated images since the last compute; the reference stays."""
         results = self.metrics.compute()
@@ -151,6 +191,13 @@ class FIDAgainstReference:
             "reference_cached": self.cached,
             "extractor_sha256": self.metrics.extractor.sha256,
         }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def val_captions(batches: Iterable[dict[str, Any]]) -> list[str]:

@@ -11,7 +11,6 @@ themselves for its subset estimates; it keeps at most `kid_max_samples` per side
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from gen_lightning.atomic import write_atomic
 from gen_lightning.images import to_uint8
 from gen_lightning.metrics.inception import FIDInceptionV3
 
@@ -145,11 +145,7 @@ class GenerativeMetrics(nn.Module):
         state = self.real_state()
         if not write:
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save({"key": json.dumps(key, sort_keys=True), **state}, tmp)
-        os.replace(tmp, path)
+        write_atomic(Path(path), lambda handle: torch.save({"key": json.dumps(key, sort_keys=True), **state}, handle))
 
     def load_real(self, path: str | Path, key: dict[str, Any], rank: int = 0, world_size: int = 1) -> bool:
         """Load cached real statistics if they exist and were computed for exactly `key`; False otherwise.
