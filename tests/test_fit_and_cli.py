@@ -52,7 +52,8 @@ def test_fast_dev_run_of_every_config(config, toy_shards, toy_world, tmp_path, t
 
 @pytest.fixture(scope="module")
 def tiny_run(toy_shards, tmp_path_factory) -> Path:
-    """A 6-step fit that logs every step, draws a grid every 3 steps and checkpoints: shared by the tests below."""
+    """A 6-step fit that logs every step, draws a grid every 3 steps and checkpoints: shared by the tests below. The
+    callbacks sample with fast samplers chosen by their config option."""
     root = tmp_path_factory.mktemp("tiny_run")
     main(
         [
@@ -66,10 +67,12 @@ def tiny_run(toy_shards, tmp_path_factory) -> Path:
             "--trainer.callbacks.every_n_steps=3",
             "--trainer.callbacks.num_samples=4",
             "--trainer.callbacks.steps=2",
+            "--trainer.callbacks.sampler=dpm++",
             "--trainer.callbacks+=gen_lightning.callbacks.GenerativeEvaluation",
             "--trainer.callbacks.every_n_steps=3",
             "--trainer.callbacks.num_samples=4",
             "--trainer.callbacks.steps=2",
+            "--trainer.callbacks.sampler=heun",
             "--trainer.callbacks.max_real=8",
             f"--trainer.callbacks.cache_dir={root / 'fid_cache'}",
         ]
@@ -188,6 +191,20 @@ def test_sample_cli_clip_sample_overrides_the_checkpoints(tiny_run, tmp_path, ca
     with pytest.raises(SystemExit):  # eta is DDIM's: with DDPM it would be ignored
         grid("--sampler", "ddpm", "--eta", "0.5")
     assert "--eta is DDIM's noise scale" in capsys.readouterr().err
+
+
+def test_sample_cli_with_a_fast_sampler(tiny_run, tmp_path, capsys):
+    ckpt = str(tiny_run / "checkpoints" / "last.ckpt")
+    for name in ("dpm++", "ddim"):
+        main(["sample", "--ckpt", ckpt, "--sampler", name, "--steps", "10", "--n=4", "--seed=1",
+              f"--out={tmp_path / name}.png"])  # fmt: skip
+    assert "wrote" in capsys.readouterr().out
+    with Image.open(tmp_path / "dpm++.png") as fast, Image.open(tmp_path / "ddim.png") as ddim:
+        fast_pixels, ddim_pixels = np.asarray(fast, dtype=np.int16), np.asarray(ddim, dtype=np.int16)
+    assert fast_pixels.shape == ddim_pixels.shape == (38, 38, 3) and np.abs(fast_pixels - ddim_pixels).max() > 0
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", ckpt, "--sampler", "lms", f"--out={tmp_path / 'x.png'}"])
+    assert "invalid choice: 'lms'" in capsys.readouterr().err
 
 
 def test_validate_subcommand_on_the_checkpoint(tiny_run, toy_shards, tmp_path, capsys):

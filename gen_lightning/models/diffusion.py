@@ -1,4 +1,4 @@
-"""DiffusionModel: DDPM training of a UNet on images, DDPM/DDIM sampling from EMA weights.
+"""DiffusionModel: DDPM training of a UNet on images, sampled from EMA weights by any sampler of ALL_SAMPLER_NAMES.
 
 The model holds one trainable network, `self.net`, called as `net(x_t, t, **cond)`, and its EMA copy: subclasses
 (latent diffusion, the world model) wrap the UNet in a network that takes their conditioning and supply it through
@@ -14,11 +14,11 @@ import torch
 
 from gen_lightning.diffusion import (
     CFGDenoiser,
-    DDIMSampler,
-    DDPMSampler,
     DiffusionLoss,
     NoiseSchedule,
-    make_sampler,
+    Sampler,
+    build_sampler,
+    gaussian_noise,
     sample_loop,
 )
 from gen_lightning.models.base import GenerativeModule
@@ -38,7 +38,7 @@ class DiffusionModel(GenerativeModule):
         lr / weight_decay / adam_betas / warmup_steps / lr_schedule: AdamW with linear warm-up, then "constant" or
             "cosine" decay to 10% over the run.
         ema_max_decay / ema_power: EMA with warm-up (see nn.ema); samples come from the EMA weights.
-        sampler / sample_steps / eta / clip_sample: defaults of `sample()`.
+        sampler / sample_steps / eta / clip_sample: defaults of `sample()`; sampler: one of ALL_SAMPLER_NAMES.
         channels_last: NHWC memory layout for the UNet (faster convolutions on CPU and on tensor cores).
         compile: torch.compile the UNet in place (same parameter names, so checkpoints are unchanged; the first steps
             pay the compilation).
@@ -80,7 +80,7 @@ class DiffusionModel(GenerativeModule):
         self.ema = EMA(self.net, max_decay=ema_max_decay, power=ema_power)
         self.schedule = NoiseSchedule.from_name(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
         self.loss_fn = DiffusionLoss(self.schedule, prediction_type, loss_weighting, min_snr_gamma)
-        self.make_sampler(sampler)  # fail at construction, not after an hour of training, on a bad sampler setting
+        self.make_sampler()  # fail at construction, not after an hour of training, on a bad sampler setting
         self.sample_shape = (unet_config.in_channels, image_size, image_size)  # what the sampler draws
 
     def wrap_network(self, net: torch.nn.Module) -> None:
@@ -141,20 +141,22 @@ class DiffusionModel(GenerativeModule):
         return self.adamw_with_warmup(p for p in self.net.parameters() if p.requires_grad)
 
     # --- sampling -------------------------------------------------------------------------------------------------
-    def make_sampler(self, name: str | None = None, eta: float | None = None) -> DDIMSampler | DDPMSampler:
-        """The named sampler (default: the model's) with the model's prediction type and clip_sample; DDIM's eta
-        defaults to the model's."""
+    def make_sampler(self, name: str | None = None, eta: float | None = None) -> Sampler:
+        """The named sampler (default: the model's; any of ALL_SAMPLER_NAMES) with the model's prediction type and
+        clip_sample; DDIM's eta defaults to the model's."""
         name = name or self.hparams.sampler
+        if eta is not None and name != "ddim":
+            raise ValueError(f"eta is DDIM's noise scale; sampler {name!r} has none")
         kwargs: dict[str, Any] = {"clip_sample": self.hparams.clip_sample}
         if name == "ddim":
             kwargs["eta"] = self.hparams.eta if eta is None else eta
-        return make_sampler(name, self.schedule, self.hparams.prediction_type, **kwargs)
+        return build_sampler(name, self.schedule, self.hparams.prediction_type, **kwargs)
 
-    def resolve_sampler(self, sampler: str | DDIMSampler | DDPMSampler | None) -> DDIMSampler | DDPMSampler:
-        """A sampler object as given, or one made by name (None: the model's)."""
-        if isinstance(sampler, DDIMSampler | DDPMSampler):
-            return sampler
-        return self.make_sampler(sampler)
+    def resolve_sampler(self, sampler: str | Sampler | None) -> Sampler:
+        """A sampler object as given (any kind), or one made by name (None: the model's)."""
+        if sampler is None or isinstance(sampler, str):
+            return self.make_sampler(sampler)
+        return sampler
 
     def sampling_defaults(self) -> dict[str, Any]:
         hparams = self.hparams
@@ -170,7 +172,7 @@ class DiffusionModel(GenerativeModule):
         *,
         guidance: float = 1.0,
         steps: int | None = None,
-        sampler: str | DDIMSampler | DDPMSampler | None = None,
+        sampler: str | Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """n draws of shape `sample_shape` from x_T ~ N(0, I), in eval mode, by the EMA network called as
@@ -179,15 +181,11 @@ class DiffusionModel(GenerativeModule):
         denoiser, extra_args = self.ema.shadow, dict(cond or {})
         if uncond is not None:
             denoiser, extra_args = CFGDenoiser(self.ema.shadow, guidance), {"cond": cond, "uncond": uncond}
+        sampler = self.resolve_sampler(sampler)
+        noise = gaussian_noise((n, *self.sample_shape), generator, self.device)
         with self.evaluating():
             return sample_loop(
-                denoiser,
-                self.resolve_sampler(sampler),
-                (n, *self.sample_shape),
-                steps or self.hparams.sample_steps,
-                generator=generator,
-                device=self.device,
-                extra_args=extra_args,
+                denoiser, sampler, noise, steps or self.hparams.sample_steps, extra_args, generator=generator
             )
 
     @torch.no_grad()
@@ -198,7 +196,7 @@ class DiffusionModel(GenerativeModule):
         *,
         steps: int | None = None,
         guidance: float | None = None,
-        sampler: str | DDIMSampler | DDPMSampler | None = None,
+        sampler: str | Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """n images in [-1, 1], NCHW (GenerativeModule.sample). Unconditional: no cond, no guidance."""
