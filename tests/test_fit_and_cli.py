@@ -205,6 +205,8 @@ def test_sample_cli_with_a_fast_sampler(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--ckpt", ckpt, "--sampler", "lms", f"--out={tmp_path / 'x.png'}"])
     assert "invalid choice: 'lms'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"sampler 'flow_euler' integrates model.objective='flow'"):
+        main(["sample", "--ckpt", ckpt, "--sampler", "flow_euler", f"--out={tmp_path / 'x.png'}"])
 
 
 def test_validate_subcommand_on_the_checkpoint(tiny_run, toy_shards, tmp_path, capsys):
