@@ -1,5 +1,5 @@
-"""DiffusionModel: diffusion (VP schedule, eps/v/x0 target) or rectified-flow training of a UNet on images, sampled
-from EMA weights by any sampler of its objective.
+"""DiffusionModel: diffusion (VP schedule, eps/v/x0 target) or rectified-flow training of a UNet or a DiT on images,
+sampled from EMA weights by any sampler of its objective.
 
 The model holds one trainable network, `self.net`, called as `net(x_t, t, **cond)`, and its EMA copy: subclasses
 (latent diffusion, the world model) wrap the UNet in a network that takes their conditioning and supply it through
@@ -23,6 +23,7 @@ from gen_lightning.diffusion import (
     sample_loop,
 )
 from gen_lightning.errors import UserInputError
+from gen_lightning.models.backbones import build_backbone
 from gen_lightning.models.base import GenerativeModule
 from gen_lightning.models.objectives import (
     DEFAULT_SAMPLER,
@@ -31,15 +32,20 @@ from gen_lightning.models.objectives import (
     check_sampler_object,
     objective_loss,
 )
+from gen_lightning.nn.dit import DiTConfig
 from gen_lightning.nn.ema import EMA
-from gen_lightning.nn.unet import UNet, UNetConfig
+from gen_lightning.nn.unet import UNetConfig
 
 
 class DiffusionModel(GenerativeModule):
     """Unconditional pixel-space diffusion.
 
     Args:
-        unet: UNet shape (in/out channels must equal the image channels).
+        unet: UNet shape (in/out channels must equal the image channels). With the DiT, its in/out channels (and
+            a subclass's context and cond widths) still say what the network takes and gives.
+        backbone: "unet" or "dit" (models.backbones): the network that denoises.
+        dit: DiT shape (patch_size, width, depth, num_heads, mlp_ratio, gradient_checkpointing, ...) with
+            backbone=dit; its channels and widths come from the model.
         image_size: H = W of training images and samples (linked from data.image_size by the CLI).
         objective: "vp" (a VP noise schedule, the options up to min_snr_gamma) or "flow" (rectified flow, the
             time_* and logit_* options); see models.objectives. An option of the other objective is refused.
@@ -66,6 +72,8 @@ class DiffusionModel(GenerativeModule):
         self,
         unet: UNetConfig | None = None,
         image_size: int = 32,
+        backbone: str = "unet",
+        dit: DiTConfig | None = None,
         objective: str = "vp",
         schedule: str = "linear",
         num_timesteps: int = 1000,
@@ -98,7 +106,8 @@ class DiffusionModel(GenerativeModule):
         check_objective(objective, self.hparams)
         self.hparams["sampler"] = sampler or DEFAULT_SAMPLER[objective]  # checkpoints name the sampler they used
         self.hparams["unet"] = unet_config.as_dict()  # plain types only: checkpoints load weights-only
-        self.net: torch.nn.Module = UNet(unet_config)
+        self.net, dit_config = build_backbone(backbone, unet_config, dit, image_size)
+        self.hparams["dit"] = dit_config.as_dict() if dit_config is not None else None
         self.ema = EMA(self.net, max_decay=ema_max_decay, power=ema_power)
         self.schedule = NoiseSchedule.from_name(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
         self.loss_fn = objective_loss(objective, self.hparams, self.schedule)
@@ -106,7 +115,7 @@ class DiffusionModel(GenerativeModule):
         self.sample_shape = (unet_config.in_channels, image_size, image_size)  # what the sampler draws
 
     def wrap_network(self, net: torch.nn.Module) -> None:
-        """For subclasses: `net` (holding the UNet) becomes the trained network, with a fresh EMA copy of it."""
+        """For subclasses: `net` (holding the backbone) becomes the trained network, with a fresh EMA copy of it."""
         self.net = net
         self.ema = EMA(net, max_decay=self.hparams.ema_max_decay, power=self.hparams.ema_power)
 
