@@ -70,3 +70,15 @@ def test_backbone_options_are_checked():
         DiffusionModel(backbone="dit", dit={**DIT, "learn_sigma": True})
     checkpointed = DiffusionModel(image_size=16, backbone="dit", dit={**DIT, "gradient_checkpointing": True})
     assert checkpointed.net.config.gradient_checkpointing
+
+
+def test_sample_cli_on_a_flow_dit_checkpoint(tmp_path, capsys):
+    from gen_lightning.cli import main
+
+    torch.manual_seed(0)
+    model = perturbed(DiffusionModel(image_size=16, backbone="dit", dit=DIT, objective="flow", sample_steps=2))
+    ckpt = str(save_checkpoint(model, tmp_path / "flow_dit.ckpt"))
+    main(["sample", "--ckpt", ckpt, "--sampler", "flow_heun", "--steps", "3", "--n=4", f"--out={tmp_path / 'g.png'}"])
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "g.png").is_file()
+    with pytest.raises(UserInputError, match=r"sampler 'dpm\+\+' integrates model.objective='vp'"):
+        main(["sample", "--ckpt", ckpt, "--sampler", "dpm++", f"--out={tmp_path / 'x.png'}"])
