@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from gen_lightning.diffusion import sample_steps
+from gen_lightning.diffusion import gaussian_noise, sample_steps
 from gen_lightning.models import DiffusionModel
 
 WIDTHS = (32, 64, 64)
@@ -122,7 +122,8 @@ def our_steps(model: DiffusionModel, n: int, steps: int):
     """`DiffusionModel.sample`'s loop (eval mode, the configured DDIM sampler, the raw UNet) one step at a time."""
     with model.evaluating():
         sampler = model.make_sampler("ddim", None)
-        yield from sample_steps(model.net, sampler, (n, *model.sample_shape), steps, device=model.device)
+        noise = gaussian_noise((n, *model.sample_shape), device=model.device)
+        yield from sample_steps(model.net, sampler, noise, steps)
 
 
 def repeated(step: Callable[[], None], times: int) -> Iterator[None]:

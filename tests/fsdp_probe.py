@@ -4,7 +4,9 @@ clipped by norm) with EMA updates, sample through the EMA copy, and rank 0 compa
 samples with the same steps in one process. Three models, in one process group:
 - "unet": a UNet and its EMA (what DiffusionModel's FSDP units are);
 - "ldm_text", "ldm_clip": a whole LatentDiffusionModel, trainable text encoder or CLIP's frozen text tower, its
-  frozen VAE encoder run inside the root forward and its decoder when sampling.
+  frozen VAE encoder run inside the root forward and its decoder when sampling;
+- "ldm_dit": the same with the DiT backbone (each DiTBlock a unit: cross-attention to the text, pooled text to
+  adaLN) and the flow objective.
 
     python tests/fsdp_probe.py OUT.json PORT VAE.ckpt CLIP.ckpt
 """
@@ -117,7 +119,10 @@ class LatentRoot(nn.Module):
         return self.model.loss_fn.per_sample(self.model.net, x0, t, noise, extra_args=cond).mean()
 
 
-def latent_diffusion(vae: str, clip: str | None) -> nn.Module:
+DIT = {"patch_size": 2, "width": 16, "depth": 2, "num_heads": 2}
+
+
+def latent_diffusion(vae: str, clip: str | None, **options: Any) -> nn.Module:
     from gen_lightning.models.latent_diffusion import LatentDiffusionModel
     from gen_lightning.nn.text import TextConfig
 
@@ -125,7 +130,7 @@ def latent_diffusion(vae: str, clip: str | None) -> nn.Module:
     model = LatentDiffusionModel(
         vae_checkpoint=vae, unet={"channels": [8, 16], "attention_levels": [1], "num_heads": 2},
         text=None if clip else TextConfig(16, 16, 1, 2), clip_checkpoint=clip, image_size=16, latent_scale=1.0,
-        caption_dropout=0.5, sample_steps=2,
+        caption_dropout=0.5, sample_steps=2, **options,
     )  # fmt: skip
     with torch.no_grad():  # zero-initialised output layers would hide the text: every trainable weight moves
         for param in model.net.parameters():
@@ -144,6 +149,8 @@ def train_latent(root: nn.Module, rank: int, world: int) -> torch.Tensor:
     tokens = model.net.tokenize(["red circle", "blue square", "green circle", "yellow square"])[0]
     drop = torch.tensor([False, True, False, False])
     t = torch.randint(0, 1000, (4,), generator=generator)
+    if model.objective == "flow":  # flow times lie in [0, 1]
+        t = t / 1000
     noise = torch.randn(4, *model.sample_shape, generator=generator)
     batch = chunk((images, tokens, drop, t, noise), rank, world)
     for _ in range(2):
@@ -209,6 +216,10 @@ def rank_main(rank: int, world: int, out: str, port: int, vae: str, clip: str) -
             lambda: latent_diffusion(vae, clip), train_latent, rank, world,
             moved="model.ema.shadow.unet.out_conv.weight",
             frozen=("model.vae.", "model.net.text.", "model.ema.shadow.text."),
+        ),
+        "ldm_dit": compare(
+            lambda: latent_diffusion(vae, None, backbone="dit", dit=DIT, objective="flow"), train_latent, rank, world,
+            moved="model.ema.shadow.unet.final.linear.weight", frozen=("model.vae.",),
         ),
     }  # fmt: skip
     if rank == 0:

@@ -12,10 +12,11 @@ from gen_lightning.diffusion import (
     DDPMSampler,
     DiffusionLoss,
     NoiseSchedule,
+    build_sampler,
     classifier_free_guidance,
     eps_from_v,
     eps_from_x0,
-    make_sampler,
+    gaussian_noise,
     q_posterior_mean_variance,
     q_sample,
     sample_loop,
@@ -31,6 +32,10 @@ from gen_lightning.diffusion.losses import min_snr_weight
 
 F64 = torch.float64
 PREDICTION_TYPES = ("epsilon", "v", "sample")
+
+
+def _seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return gaussian_noise(shape, torch.Generator().manual_seed(seed))
 
 
 def _two_step_schedule() -> NoiseSchedule:
@@ -210,10 +215,11 @@ def test_oracle_ddim_and_ddpm_land_on_data_point(prediction_type: str) -> None:
     for spacing in ("leading", "trailing", "linspace"):
         for steps in (10, 50):
             sampler = DDIMSampler(sched, prediction_type, eta=0.0, timestep_spacing=spacing)
-            out = sample_loop(model, sampler, (2, 3, 4, 4), steps, generator=torch.Generator().manual_seed(steps))
+            out = sample_loop(model, sampler, _seeded_noise((2, 3, 4, 4), steps), steps)
             torch.testing.assert_close(out, x_star, rtol=0, atol=1e-4, msg=f"DDIM {spacing} {steps}")
     sampler = DDPMSampler(sched, prediction_type)
-    out = sample_loop(model, sampler, (2, 3, 4, 4), 50, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    out = sample_loop(model, sampler, gaussian_noise((2, 3, 4, 4), generator), 50, generator=generator)
     torch.testing.assert_close(out, x_star, rtol=0, atol=1e-4)
 
 
@@ -221,10 +227,12 @@ def test_sample_steps_yields_each_step_and_ends_where_sample_loop_does() -> None
     sched = NoiseSchedule.from_name("linear", 1000)
     model = _oracle(sched, torch.linspace(-0.9, 0.9, 12).reshape(1, 3, 2, 2), "epsilon")
     sampler = DDPMSampler(sched)  # stochastic: the same generator seed must give the same draws in both loops
-    steps = list(sample_steps(model, sampler, (1, 3, 2, 2), 7, generator=torch.Generator().manual_seed(3)))
+    generator = torch.Generator().manual_seed(3)
+    steps = list(sample_steps(model, sampler, gaussian_noise((1, 3, 2, 2), generator), 7, generator=generator))
     assert [t for t, _ in steps] == sampler.timesteps.tolist() and len(steps) == 7
     assert not torch.equal(steps[0][1], steps[-1][1])
-    out = sample_loop(model, sampler, (1, 3, 2, 2), 7, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    out = sample_loop(model, sampler, gaussian_noise((1, 3, 2, 2), generator), 7, generator=generator)
     torch.testing.assert_close(steps[-1][1], out, rtol=0, atol=0)
 
 
@@ -233,7 +241,7 @@ def test_oracle_zero_terminal_snr_v_prediction() -> None:
     sched = NoiseSchedule.from_name("scaled_linear", 1000, zero_terminal_snr=True)
     x_star = torch.tensor([[0.5, -0.25, 0.8]])
     for sampler in (DDIMSampler(sched, "v", clip_sample=None), DDPMSampler(sched, "v", clip_sample=None)):
-        out = sample_loop(_oracle(sched, x_star, "v"), sampler, (1, 3), 20, generator=torch.Generator().manual_seed(0))
+        out = sample_loop(_oracle(sched, x_star, "v"), sampler, _seeded_noise((1, 3), 0), 20)
         torch.testing.assert_close(out, x_star, rtol=0, atol=1e-5)
 
 
@@ -345,8 +353,7 @@ def test_samplers_and_the_loss_pass_the_conditioning_as_arguments() -> None:
     sched = NoiseSchedule.from_name("linear", 10)
     net = KeywordNet()
     cond = {"context": torch.ones(2, 8), "scale": torch.tensor([0.5, 2.0])}
-    sampled = sample_loop(net, make_sampler("ddim", sched), (2, 1, 2, 2), 3, torch.Generator().manual_seed(0),
-                          extra_args=cond)  # fmt: skip
+    sampled = sample_loop(net, build_sampler("ddim", sched), _seeded_noise((2, 1, 2, 2), 0), 3, extra_args=cond)
     assert net.batch_sizes == [2, 2, 2] and torch.isfinite(sampled).all()
     loss = DiffusionLoss(sched)
     x0, t, noise = torch.randn(2, 1, 2, 2), torch.tensor([3, 9]), torch.randn(2, 1, 2, 2)
@@ -466,7 +473,7 @@ def test_alpha_bar_is_float32_on_callers_device() -> None:
         (lambda: NoiseSchedule.from_name("sigmoidal"), "sigmoidal"),
         (lambda: DiffusionLoss(_two_step_schedule(), "x_start"), "x_start"),
         (lambda: DiffusionLoss(_two_step_schedule(), weighting="p2"), "p2"),
-        (lambda: make_sampler("euler", _two_step_schedule()), "euler"),
+        (lambda: build_sampler("lms", _two_step_schedule()), "lms"),
         (lambda: DDIMSampler(_two_step_schedule(), timestep_spacing="karras"), "karras"),
         (lambda: training_target("score", torch.zeros(1), torch.zeros(1), 0.5), "score"),
         (lambda: to_x0_and_eps("eps", torch.zeros(1), torch.zeros(1), 0.5), "eps"),
@@ -478,11 +485,11 @@ def test_bad_names_raise_value_error_naming_them(make: Callable[[], object], bad
     assert "valid" in str(info.value)
 
 
-def test_make_sampler_and_step_outside_timesteps() -> None:
+def test_build_sampler_and_step_outside_timesteps() -> None:
     sched = NoiseSchedule.from_name("linear", 100)
-    ddim = make_sampler("ddim", sched, "v", eta=0.3, clip_sample=None)
+    ddim = build_sampler("ddim", sched, "v", eta=0.3, clip_sample=None)
     assert isinstance(ddim, DDIMSampler) and ddim.eta == 0.3 and ddim.clip_sample is None
-    assert isinstance(make_sampler("ddpm", sched), DDPMSampler)
+    assert isinstance(build_sampler("ddpm", sched), DDPMSampler)
     ddim.set_timesteps(10)
     with pytest.raises(ValueError, match="timestep 50"):
         ddim.step(torch.zeros(1), 50, torch.zeros(1))

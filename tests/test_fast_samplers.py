@@ -8,14 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from gen_lightning.diffusion import DDIMSampler, NoiseSchedule, eps_from_x0, sample_loop, training_target
-from gen_lightning.diffusion.dpm_solver import DPMSolverSampler
-from gen_lightning.diffusion.fast_samplers import (
+from gen_lightning.diffusion import (
     ALL_SAMPLER_NAMES,
+    DDIMSampler,
+    NoiseSchedule,
+    build_flow_sampler,
     build_sampler,
-    iterate_sampler,
-    run_sampler,
+    eps_from_x0,
+    sample_loop,
+    sample_steps,
+    training_target,
 )
+from gen_lightning.diffusion.dpm_solver import DPMSolverSampler
 from gen_lightning.diffusion.karras import karras_sigmas, sigma_to_timestep, vp_noise_levels, vp_sigmas
 from gen_lightning.diffusion.ode_samplers import EulerSampler, HeunSampler
 
@@ -146,7 +150,7 @@ def test_steps_match_diffusers(name: str, spacing: str, prediction_type: str) ->
     num_steps = 10
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        our_steps = list(iterate_sampler(model, ours, x_T, num_steps))
+        our_steps = list(sample_steps(model, ours, x_T, num_steps))
 
     reference.set_timesteps(num_steps)
     # The grids agree to diffusers' float32 precision (DPM-Solver's Karras timesteps: diffusers rounds them to
@@ -181,7 +185,7 @@ def test_single_point_data_is_reached_exactly_in_any_number_of_steps(name: str, 
     model = GaussianDenoiser(schedule, prediction_type, std=0.0)
     x_T = torch.randn(3, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
     for num_steps in (1, 3, 10):
-        sample = run_sampler(model, build_sampler(name, schedule, prediction_type), x_T, num_steps)
+        sample = sample_loop(model, build_sampler(name, schedule, prediction_type), x_T, num_steps)
         torch.testing.assert_close(sample, torch.full_like(sample, MU), rtol=0, atol=1e-9)
 
 
@@ -193,7 +197,7 @@ def test_gaussian_data_converges_at_the_methods_order(name: str, order: int) -> 
     errors = []
     for num_steps in (16, 32, 64):
         sampler = build_sampler(name, schedule, "epsilon", timestep_spacing="karras")
-        sample = run_sampler(model, sampler, x_T, num_steps)
+        sample = sample_loop(model, sampler, x_T, num_steps)
         exact = exact_sample(x_T, float(sampler.sigmas[0]), float(sampler.sigmas[-2]))
         errors.append(float((sample - exact).abs().max()))
     observed = [math.log2(a / b) for a, b in itertools.pairwise(errors)]
@@ -211,22 +215,26 @@ def test_dpm_solver_first_step_is_ddim() -> None:
     dpm = DPMSolverSampler(schedule, "v", timestep_spacing="trailing")
     ddim = DDIMSampler(schedule, "v", clip_sample=None, timestep_spacing="trailing")
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    (_, dpm_x), *_ = iterate_sampler(model, dpm, x_T, 10)
-    (_, ddim_x), *_ = iterate_sampler(model, ddim, x_T, 10)
+    (_, dpm_x), *_ = sample_steps(model, dpm, x_T, 10)
+    (_, ddim_x), *_ = sample_steps(model, ddim, x_T, 10)
     torch.testing.assert_close(dpm_x, ddim_x, rtol=1e-5, atol=1e-6)
 
 
-def test_loop_passes_keyword_arguments_and_drives_ddim_like_sample_loop() -> None:
+def test_loop_passes_keyword_arguments_and_gives_integer_or_fractional_times() -> None:
     schedule = NoiseSchedule.from_name("linear", 1000)
     model = GaussianDenoiser(schedule, "epsilon", wobble=0.1)
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     ddim = DDIMSampler(schedule, "epsilon")
-    ours = run_sampler(model, ddim, x_T, 5, extra_args={"gain": 1.0})
-    torch.testing.assert_close(ours, sample_loop(model, ddim, x_T.shape, 5, x_T=x_T))
-    assert not torch.allclose(ours, run_sampler(model, ddim, x_T, 5, extra_args={"gain": 0.5}))
-    seen = []
-    run_sampler(lambda x, t: seen.append(t) or torch.zeros_like(x), EulerSampler(schedule), x_T, 3)
-    assert all(t.dtype == torch.float32 and t.shape == (2,) for t in seen)
+    ours = sample_loop(model, ddim, x_T, 5, extra_args={"gain": 1.0})
+    by_hand = x_T
+    for t in ddim.timesteps.tolist():  # set to 5 steps by the loop above
+        by_hand = ddim.step(model(by_hand, torch.full((2,), t), gain=1.0), t, by_hand)
+    torch.testing.assert_close(ours, by_hand, rtol=0, atol=0)
+    assert not torch.allclose(ours, sample_loop(model, ddim, x_T, 5, extra_args={"gain": 0.5}))
+    for sampler, dtype in ((EulerSampler(schedule), torch.float32), (ddim, torch.int64)):
+        seen = []
+        sample_loop(lambda x, t, seen=seen: seen.append(t) or torch.zeros_like(x), sampler, x_T, 3)
+        assert len(seen) == 3 and all(t.dtype == dtype and t.shape == (2,) for t in seen)
 
 
 def test_heun_evaluates_twice_per_step_but_the_last() -> None:
@@ -240,9 +248,14 @@ def test_heun_evaluates_twice_per_step_but_the_last() -> None:
 
 def test_bad_use_raises() -> None:
     schedule = NoiseSchedule.from_name("linear", 100)
-    assert ALL_SAMPLER_NAMES == ("ddim", "ddpm", "dpm++", "euler", "heun")
+    assert ALL_SAMPLER_NAMES == ("ddim", "ddpm", "dpm++", "euler", "heun", "flow_euler", "flow_heun")
     with pytest.raises(ValueError, match="unknown sampler"):
         build_sampler("lms", schedule)
+    with pytest.raises(ValueError, match="rectified flow"):
+        build_sampler("flow_euler", schedule)
+    with pytest.raises(ValueError, match="VP schedule"):
+        build_flow_sampler("ddim")
+    assert build_flow_sampler("flow_heun", shift=3.0).shift == 3.0
     with pytest.raises(ValueError, match="noise spacing"):
         EulerSampler(schedule, timestep_spacing="uniform")
     with pytest.raises(ValueError, match="zero terminal SNR"):
@@ -263,5 +276,5 @@ def test_zero_terminal_snr_v_prediction_starts_from_a_finite_sigma() -> None:
     model = GaussianDenoiser(schedule, "v", std=0.0)
     x_T = torch.randn(2, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
     for name in ("dpm++", "euler", "heun"):
-        sample = run_sampler(model, build_sampler(name, schedule, "v"), x_T, 6)
+        sample = sample_loop(model, build_sampler(name, schedule, "v"), x_T, 6)
         torch.testing.assert_close(sample, torch.full_like(sample, MU), rtol=0, atol=1e-6)

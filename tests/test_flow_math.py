@@ -17,7 +17,6 @@ from gen_lightning.diffusion.edm import (
     edm_loss_weight,
     edm_noise_label_to_sigma,
 )
-from gen_lightning.diffusion.fast_samplers import iterate_sampler, run_sampler
 from gen_lightning.diffusion.flow import (
     FlowEulerSampler,
     FlowHeunSampler,
@@ -30,6 +29,7 @@ from gen_lightning.diffusion.flow import (
     x0_from_velocity,
 )
 from gen_lightning.diffusion.guidance import CFGDenoiser
+from gen_lightning.diffusion.samplers import sample_loop, sample_steps
 
 F64 = torch.float64
 MU, STD = 0.3, 0.5
@@ -88,7 +88,7 @@ def test_straight_paths_are_integrated_exactly(sampler_class: type, shift: float
     # exactly: one step from t = 1 lands on the point, as does any number of steps on a shifted grid.
     x_1 = _noise(3, 3, 4, 4)
     for num_steps in (1, 2, 7):
-        sample = run_sampler(GaussianFlowVelocity(std=0.0), sampler_class(shift=shift), x_1, num_steps)
+        sample = sample_loop(GaussianFlowVelocity(std=0.0), sampler_class(shift=shift), x_1, num_steps)
         torch.testing.assert_close(sample, torch.full_like(sample, MU), rtol=0, atol=1e-12)
 
 
@@ -98,7 +98,7 @@ def test_gaussian_data_converges_at_the_methods_order(sampler_class: type, order
     x_1 = _noise(4, 3, 4, 4)
     exact = MU + STD * x_1
     errors = [
-        float((run_sampler(GaussianFlowVelocity(), sampler_class(), x_1, n) - exact).abs().max()) for n in (8, 16, 32)
+        float((sample_loop(GaussianFlowVelocity(), sampler_class(), x_1, n) - exact).abs().max()) for n in (8, 16, 32)
     ]
     for a, b in itertools.pairwise(errors):
         assert order - 0.3 < math.log2(a / b) < order + 0.5, errors
@@ -165,11 +165,14 @@ def test_flow_loss_is_the_velocity_mse_and_zero_for_the_exact_velocity_of_one_po
 
     t, noise, context = torch.tensor([0.2, 0.9], dtype=F64), _noise(2, 3, 4, 4, seed=2), torch.ones(2, 5)
     data = _noise(2, 3, 4, 4, seed=3)
-    per_sample = loss.per_sample(model, data, t, noise, context=context)
-    by_hand = (0.5 * flow_interpolate(data, noise, t) - (noise - data)).pow(2).mean(dim=(1, 2, 3))
-    torch.testing.assert_close(per_sample, by_hand)
+    per_sample = loss.per_sample(model, data, t, noise, extra_args={"context": context})
+    squared = (0.5 * flow_interpolate(data, noise, t) - (noise - data)).pow(2)
+    torch.testing.assert_close(per_sample, squared.mean(dim=(1, 2, 3)))
     torch.testing.assert_close(seen["label"], 1000 * t)
     assert seen["context"] is context
+    weight = torch.rand(2, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(4)) * 2
+    weighted = loss.per_sample(model, data, t, noise, weight, {"context": context})
+    torch.testing.assert_close(weighted, (squared * weight).mean(dim=(1, 2, 3)))
 
 
 # 5. EDM preconditioning
@@ -243,13 +246,13 @@ def _gaussian_denoiser(std: float):
 @pytest.mark.parametrize(("sampler_class", "order"), [(EDMEulerSampler, 1), (EDMHeunSampler, 2)])
 def test_edm_samplers_land_on_the_exact_solution(sampler_class: type, order: int) -> None:
     z = _noise(4, 3, 4, 4)
-    sample = run_sampler(_gaussian_denoiser(0.0), sampler_class(), z, 3)  # one point: exact in any step count
+    sample = sample_loop(_gaussian_denoiser(0.0), sampler_class(), z, 3)  # one point: exact in any step count
     torch.testing.assert_close(sample, torch.full_like(sample, MU), rtol=0, atol=1e-10)
     # Gaussian data: y - MU scales as sqrt(STD^2 + sigma^2) along the ODE; the last step returns D(y, sigma_min).
     sigma_min, sigma_max = 0.002, 80.0
     exact = MU + sigma_max * z * STD**2 / math.sqrt((STD**2 + sigma_min**2) * (STD**2 + sigma_max**2))
     errors = [
-        float((run_sampler(_gaussian_denoiser(STD), sampler_class(), z, n) - exact).abs().max()) for n in (16, 32, 64)
+        float((sample_loop(_gaussian_denoiser(STD), sampler_class(), z, n) - exact).abs().max()) for n in (16, 32, 64)
     ]
     for a, b in itertools.pairwise(errors):
         assert order - 0.3 < math.log2(a / b) < order + 0.5, errors
@@ -285,5 +288,5 @@ def test_samplers_drive_the_guided_model_through_extra_args() -> None:
     inner = _Recorder()
     x_1 = torch.randn(2, 2, 4, 4)
     extra = {"cond": {"context": torch.rand(2, 5, 8)}, "uncond": {"context": torch.zeros(1, 5, 8)}}
-    steps = list(iterate_sampler(CFGDenoiser(inner, 2.0), FlowHeunSampler(), x_1, 3, extra_args=extra))
+    steps = list(sample_steps(CFGDenoiser(inner, 2.0), FlowHeunSampler(), x_1, 3, extra_args=extra))
     assert len(steps) == 5 and len(inner.calls) == 5 and all(c["batch"] == 4 for c in inner.calls)

@@ -9,6 +9,8 @@ import lightning as L
 import torch
 
 from gen_lightning.callbacks.requeue import requeue_pending
+from gen_lightning.models.diffusion import DiffusionModel
+from gen_lightning.sampler_names import ALL_SAMPLER_NAMES
 
 
 class PeriodicSampling(L.Callback):
@@ -18,7 +20,8 @@ class PeriodicSampling(L.Callback):
     Args:
         every_n_steps: optimizer steps between runs; 0 runs only at the end of training.
         num_samples: images per run, over all ranks.
-        sampler / steps / guidance: sampling settings (None: the model's defaults).
+        sampler / steps / guidance: sampling settings (None: the model's defaults); sampler: one of
+            ALL_SAMPLER_NAMES that fits the model's objective (checked when the fit starts).
         seed: base seed; each rank offsets it by its rank, so ranks draw different images and runs are comparable.
     """
 
@@ -31,6 +34,8 @@ class PeriodicSampling(L.Callback):
         guidance: float | None = None,
         seed: int = 0,
     ) -> None:
+        if sampler is not None and sampler not in ALL_SAMPLER_NAMES:
+            raise ValueError(f"{type(self).__name__}: sampler={sampler!r}; valid: {', '.join(ALL_SAMPLER_NAMES)}")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.sampler = sampler
@@ -41,6 +46,11 @@ class PeriodicSampling(L.Callback):
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         raise NotImplementedError
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A sampler of another objective (ddim on a flow model) fails now, not at the first run hours later.
+        if self.sampler is not None and isinstance(pl_module, DiffusionModel):
+            pl_module.make_sampler(self.sampler)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step

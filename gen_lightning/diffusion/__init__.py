@@ -13,13 +13,7 @@ from gen_lightning.diffusion.edm import (
     edm_coefficients,
     edm_loss_weight,
 )
-from gen_lightning.diffusion.fast_samplers import (
-    ALL_SAMPLER_NAMES,
-    FAST_SAMPLER_NAMES,
-    build_sampler,
-    iterate_sampler,
-    run_sampler,
-)
+from gen_lightning.diffusion.fast_samplers import build_flow_sampler, build_sampler
 from gen_lightning.diffusion.flow import (
     TIME_SAMPLINGS,
     FlowEulerSampler,
@@ -50,25 +44,32 @@ from gen_lightning.diffusion.parameterization import (
     x0_from_v,
 )
 from gen_lightning.diffusion.samplers import (
-    SAMPLER_NAMES,
     TIMESTEP_SPACINGS,
     DDIMSampler,
     DDPMSampler,
-    make_sampler,
+    Sampler,
+    gaussian_noise,
     sample_loop,
     sample_steps,
     spaced_timesteps,
 )
 from gen_lightning.diffusion.schedule import SCHEDULE_NAMES, NoiseSchedule, rescale_zero_terminal_snr
+from gen_lightning.sampler_names import (
+    ALL_SAMPLER_NAMES,
+    FLOW_SAMPLER_NAMES,
+    SAMPLER_NAMES_BY_OBJECTIVE,
+    VP_SAMPLER_NAMES,
+)
 
 __all__ = [
     "ALL_SAMPLER_NAMES",
-    "FAST_SAMPLER_NAMES",
+    "FLOW_SAMPLER_NAMES",
     "PREDICTION_TYPES",
-    "SAMPLER_NAMES",
+    "SAMPLER_NAMES_BY_OBJECTIVE",
     "SCHEDULE_NAMES",
     "TIMESTEP_SPACINGS",
     "TIME_SAMPLINGS",
+    "VP_SAMPLER_NAMES",
     "WEIGHTINGS",
     "CFGDenoiser",
     "DDIMSampler",
@@ -87,6 +88,8 @@ __all__ = [
     "NoiseSchedule",
     "ODESampler",
     "PredictionType",
+    "Sampler",
+    "build_flow_sampler",
     "build_sampler",
     "classifier_free_guidance",
     "edm_coefficients",
@@ -95,15 +98,13 @@ __all__ = [
     "eps_from_x0",
     "flow_interpolate",
     "flow_velocity",
-    "iterate_sampler",
+    "gaussian_noise",
     "karras_sigmas",
-    "make_sampler",
     "min_snr_weight",
     "q_posterior_mean_variance",
     "q_sample",
     "rescale_zero_terminal_snr",
     "resolution_shift",
-    "run_sampler",
     "sample_flow_time",
     "sample_loop",
     "sample_steps",

@@ -28,6 +28,7 @@ class DPMSolverSampler:
     "DPM++ 2M Karras"; diffusers rounds those timesteps to integers unless the schedule is cosine).
     """
 
+    objective = "vp"
     init_noise_sigma = 1.0
 
     def __init__(

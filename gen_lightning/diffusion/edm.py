@@ -97,6 +97,8 @@ class _EDMSampler(ODESampler):
     """dx/dsigma = (x - D(x; sigma)) / sigma on Karras sigmas from sigma_max to sigma_min, then D's estimate; x starts
     at sigma_max z (EDM Algorithm 1 line 1), and the network gets sigma itself as its time."""
 
+    objective = "edm"
+
     def __init__(self, order: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> None:
         super().__init__(order)
         karras_sigmas(1, sigma_min, sigma_max, rho)  # validates the range

@@ -11,7 +11,7 @@ time embedding laid out for DDPM's 0..999 fits unchanged.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -72,7 +72,9 @@ def sample_flow_time(
 
 
 class FlowMatchingLoss:
-    """E_{t, eps} || model(x_t, t * time_scale, **cond) - (eps - x0) ||^2, averaged over pixels then the batch."""
+    """E_{t, eps} || model(x_t, t * time_scale, **extra_args) - (eps - x0) ||^2, averaged over pixels then the batch.
+    Called as DiffusionLoss is (the conditioning as `extra_args`, optional per-pixel weights), so a model swaps the
+    two without changing its training step."""
 
     def __init__(
         self,
@@ -94,13 +96,17 @@ class FlowMatchingLoss:
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        **cond: Any,
+        pixel_weight: torch.Tensor | None = None,
+        extra_args: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
-        """The loss of each sample for given t [N] in [0, 1] and noise."""
+        """The loss of each sample for given t [N] in [0, 1] and noise; pixel_weight (broadcastable to x0, mean 1 per
+        sample) multiplies the squared error before the mean over pixels."""
         x_t = flow_interpolate(x0, noise, t)
         dtype = torch.promote_types(x0.dtype, torch.float32)  # reduce in >= float32 under bf16 autocast
-        prediction = model(x_t, t * self.time_scale, **cond).to(dtype)
+        prediction = model(x_t, t * self.time_scale, **(extra_args or {})).to(dtype)
         squared = (prediction - flow_velocity(x0, noise).to(dtype)).pow(2)
+        if pixel_weight is not None:
+            squared = squared * pixel_weight.to(dtype)
         return squared.reshape(x0.shape[0], -1).mean(dim=1)
 
     def __call__(
@@ -108,7 +114,8 @@ class FlowMatchingLoss:
         model: Callable[..., torch.Tensor],
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
-        **cond: Any,
+        pixel_weight: torch.Tensor | None = None,
+        extra_args: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         """Scalar loss with t from the configured law and eps ~ N(0, I); `generator` makes both reproducible."""
         t = sample_flow_time(
@@ -116,7 +123,7 @@ class FlowMatchingLoss:
         )
         gen_device = generator.device if generator is not None else x0.device
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
-        return self.per_sample(model, x0, t, noise, **cond).mean()
+        return self.per_sample(model, x0, t, noise, pixel_weight, extra_args).mean()
 
 
 class _FlowSampler(ODESampler):
@@ -124,6 +131,8 @@ class _FlowSampler(ODESampler):
 
     Unlike diffusers' FlowMatchEulerDiscreteScheduler (whose grid stops at t = 1/1000 before the last step), the grid
     is exactly 1, 1 - 1/n, ..., 0 before the shift, so a straight path is integrated exactly by one Euler step."""
+
+    objective = "flow"
 
     def __init__(self, order: int, shift: float = 1.0, time_scale: float = FLOW_TIME_SCALE) -> None:
         super().__init__(order)

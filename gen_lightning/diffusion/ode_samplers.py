@@ -25,6 +25,7 @@ from gen_lightning.diffusion.schedule import NoiseSchedule
 class ODESampler:
     """Euler (order=1) or Heun (order=2) steps over the subclass's decreasing noise grid `sigmas` ([n+1], last 0)."""
 
+    objective = ""  # set by each subclass: the training objective whose network output it reads
     init_noise_sigma = 1.0  # x_T = init_noise_sigma * N(0, I)
 
     def __init__(self, order: int) -> None:
@@ -108,6 +109,8 @@ class _VPSampler(ODESampler):
     Starting point: x_T ~ N(0, I) as for DDIM, i.e. y = sqrt(1 + sigma_max^2) z; k-diffusion and diffusers start from
     y = sigma_max z, the same to 1/(2 sigma_max^2) (2e-5 for the linear schedule). clip_sample clamps the predicted x0
     (as DDIM's); off by default, as in diffusers' Euler/Heun."""
+
+    objective = "vp"
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""DDPM and DDIM samplers as diffusers-style scheduler objects (no model inside) plus a plain sampling loop.
+"""DDPM and DDIM samplers as diffusers-style scheduler objects (no model inside), and the one sampling loop that drives
+every sampler (these, DPM-Solver++, Euler/Heun, flow and EDM).
 
 A sampler walks a descending subset of the training timesteps; the step after the last one goes to alpha_bar = 1
 (diffusers' set_alpha_to_one), so the final output is the predicted clean sample. Step coefficients are computed in
@@ -8,7 +9,7 @@ float64 from the schedule and applied in the dtype of x_t.
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -16,7 +17,6 @@ from gen_lightning.diffusion.parameterization import check_prediction_type, eps_
 from gen_lightning.diffusion.schedule import NoiseSchedule
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SAMPLER_NAMES = ("ddim", "ddpm")
 
 
 def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "trailing") -> torch.Tensor:
@@ -54,6 +54,7 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 class _DiscreteSampler:
     """Timestep bookkeeping and prediction handling shared by DDPM and DDIM."""
 
+    objective = "vp"
     init_noise_sigma = 1.0  # x_T ~ N(0, I) for variance-preserving schedules
 
     def __init__(
@@ -175,46 +176,63 @@ class DDPMSampler(_DiscreteSampler):
         return x_prev
 
 
-def make_sampler(
-    name: str, schedule: NoiseSchedule, prediction_type: str = "epsilon", **kwargs: Any
-) -> DDIMSampler | DDPMSampler:
-    """Build a sampler by name ("ddim" | "ddpm"); kwargs go to its constructor."""
-    if name == "ddim":
-        return DDIMSampler(schedule, prediction_type, **kwargs)
-    if name == "ddpm":
-        return DDPMSampler(schedule, prediction_type, **kwargs)
-    raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLER_NAMES)}")
+class Sampler(Protocol):
+    """What the sampling loop drives: a diffusers-style scheduler object with no model inside. `timesteps` lists the
+    network's time input for each evaluation (integer or fractional); `objective` names the training objective whose
+    network output `step` reads ("vp", "flow" or "edm"), so a model can refuse a sampler of another."""
+
+    objective: str
+    init_noise_sigma: float
+    timesteps: torch.Tensor
+
+    def set_timesteps(self, num_steps: int) -> None: ...
+
+    def step(
+        self, model_output: torch.Tensor, t: Any, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor: ...
 
 
-@torch.no_grad()
-def sample_steps(
-    model: Callable[..., torch.Tensor],
-    sampler: DDIMSampler | DDPMSampler,
+def gaussian_noise(
     shape: tuple[int, ...],
-    num_steps: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x_T ~ N(0, I) of `shape` on `device` (default: the generator's), drawn on the generator's device so a seed gives
+    the same noise whatever device the model lives on."""
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    return _randn_like(torch.empty(shape, device=device, dtype=dtype), generator)
+
+
+@torch.no_grad()  # as a decorator on a generator, grad mode is set around each step (two loops in lockstep stay apart)
+def sample_steps(
+    model: Callable[..., torch.Tensor],
+    sampler: Sampler,
+    noise: torch.Tensor,
+    num_steps: int,
     extra_args: Mapping[str, Any] | None = None,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """The sampling loop one step at a time: yields (t, x after the step from t). For progress, previews, or running
-    two samplers in lockstep (bench/unet_vs_diffusers.py). The model is called as `model(x_t, t, **extra_args)`: the
-    conditioning travels as arguments, as in k-diffusion's samplers, never inside a closure."""
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[float | int, torch.Tensor]]:
+    """The one sampling loop, one network evaluation at a time: yields (t, x after the step at t), starting from
+    x = noise * init_noise_sigma (noise: standard normal, e.g. `gaussian_noise`). For progress, previews, or running
+    two samplers in lockstep (bench/unet_vs_diffusers.py).
+
+    The model is called as `model(x, t, **extra_args)` (k-diffusion's convention: conditioning, the guidance weight and
+    the unconditional context travel as keyword arguments, never inside a closure), with t as [N]: int64 for integer
+    timesteps, float32 for fractional ones (float64 if the noise is). `generator` feeds stochastic samplers (DDPM)."""
     sampler.set_timesteps(num_steps)
-    if x_T is None:
-        if device is None:
-            device = generator.device if generator is not None else "cpu"
-        x_T = _randn_like(torch.empty(shape, device=device, dtype=dtype), generator) * sampler.init_noise_sigma
-    x = x_T
+    extra_args = extra_args or {}
+    fractional = sampler.timesteps.is_floating_point()
+    time_dtype = torch.promote_types(noise.dtype, torch.float32) if fractional else torch.int64
+    x = noise * sampler.init_noise_sigma
     for t in sampler.timesteps.tolist():
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
-        x = sampler.step(model(x, t_batch, **(extra_args or {})), t, x, generator=generator)
+        t_batch = torch.full((x.shape[0],), t, dtype=time_dtype, device=x.device)
+        x = sampler.step(model(x, t_batch, **extra_args), t, x, generator=generator)
         yield t, x
 
 
 def sample_loop(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """`sample_steps` (same arguments) run to the end: the clean sample. The model gets (x_t, t as int64 [N],
-    **extra_args) and answers in the sampler's prediction_type; x_T defaults to N(0, I) of the given shape."""
+    """`sample_steps` (same arguments) run to the end (without gradients): the sample."""
     ((_, x_0),) = deque(sample_steps(*args, **kwargs), maxlen=1)
     return x_0

@@ -7,6 +7,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from gen_lightning.sampler_names import ALL_SAMPLER_NAMES
+
 if TYPE_CHECKING:
     from gen_lightning.models.base import GenerativeModule
 
@@ -14,7 +16,8 @@ if TYPE_CHECKING:
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """The checkpoint and how to sample from it; settings left out are the model's (its sampling_defaults)."""
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit`")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the model's")
+    help_text = "default: the model's; flow_* for models trained with model.objective=flow, the others for vp"
+    parser.add_argument("--sampler", choices=ALL_SAMPLER_NAMES, default=None, help=help_text)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight (model default)")
     add_clip_sample_option(parser)

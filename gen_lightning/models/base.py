@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 
-from gen_lightning.diffusion import DDIMSampler, DDPMSampler
+from gen_lightning.diffusion import Sampler
 from gen_lightning.errors import UserInputError
 from gen_lightning.models.checkpoint_format import Rule, renamed, upgrade
 from gen_lightning.nn.ema import EMA
@@ -136,7 +136,7 @@ class GenerativeModule(L.LightningModule):
         *,
         steps: int | None = None,
         guidance: float | None = None,
-        sampler: str | DDIMSampler | DDPMSampler | None = None,
+        sampler: str | Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """n images in [-1, 1], NCHW: the one generation interface (CLI, evaluation, callbacks, tests). None means

@@ -1,4 +1,5 @@
-"""DiffusionModel: DDPM training of a UNet on images, DDPM/DDIM sampling from EMA weights.
+"""DiffusionModel: diffusion (VP schedule, eps/v/x0 target) or rectified-flow training of a UNet or a DiT on images,
+sampled from EMA weights by any sampler of its objective.
 
 The model holds one trainable network, `self.net`, called as `net(x_t, t, **cond)`, and its EMA copy: subclasses
 (latent diffusion, the world model) wrap the UNet in a network that takes their conditioning and supply it through
@@ -14,31 +15,51 @@ import torch
 
 from gen_lightning.diffusion import (
     CFGDenoiser,
-    DDIMSampler,
-    DDPMSampler,
-    DiffusionLoss,
     NoiseSchedule,
-    make_sampler,
+    Sampler,
+    build_flow_sampler,
+    build_sampler,
+    gaussian_noise,
     sample_loop,
 )
+from gen_lightning.errors import UserInputError
+from gen_lightning.models.backbones import build_backbone
 from gen_lightning.models.base import GenerativeModule
+from gen_lightning.models.objectives import (
+    DEFAULT_SAMPLER,
+    check_objective,
+    check_sampler_name,
+    check_sampler_object,
+    objective_loss,
+)
+from gen_lightning.nn.dit import DiTConfig
 from gen_lightning.nn.ema import EMA
-from gen_lightning.nn.unet import UNet, UNetConfig
+from gen_lightning.nn.unet import UNetConfig
 
 
 class DiffusionModel(GenerativeModule):
     """Unconditional pixel-space diffusion.
 
     Args:
-        unet: UNet shape (in/out channels must equal the image channels).
+        unet: UNet shape (in/out channels must equal the image channels). With the DiT, its in/out channels (and
+            a subclass's context and cond widths) still say what the network takes and gives.
+        backbone: "unet" or "dit" (models.backbones): the network that denoises.
+        dit: DiT shape (patch_size, width, depth, num_heads, mlp_ratio, gradient_checkpointing, ...) with
+            backbone=dit; its channels and widths come from the model.
         image_size: H = W of training images and samples (linked from data.image_size by the CLI).
+        objective: "vp" (a VP noise schedule, the options up to min_snr_gamma) or "flow" (rectified flow, the
+            time_* and logit_* options); see models.objectives. An option of the other objective is refused.
         schedule / num_timesteps / zero_terminal_snr: the noise schedule (see diffusion.NoiseSchedule).
         prediction_type: "epsilon", "v" or "sample": what the UNet predicts.
         loss_weighting: "uniform" or "min_snr" (Min-SNR-γ, Hang et al. 2023) with min_snr_gamma.
+        time_sampling / logit_mean / logit_std: flow's training times, "uniform" or "logit_normal" (SD3).
+        time_shift: flow's time shift s (t -> s t / (1 + (s - 1) t), SD3), in training and sampling alike.
         lr / weight_decay / adam_betas / warmup_steps / lr_schedule: AdamW with linear warm-up, then "constant" or
             "cosine" decay to 10% over the run.
         ema_max_decay / ema_power: EMA with warm-up (see nn.ema); samples come from the EMA weights.
-        sampler / sample_steps / eta / clip_sample: defaults of `sample()`.
+        sampler / sample_steps / eta / clip_sample: defaults of `sample()`. sampler: one of ALL_SAMPLER_NAMES that
+            fits the objective (None: ddim for vp, flow_euler for flow); eta is DDIM's; clip_sample bounds the
+            predicted x0 of the vp samplers.
         channels_last: NHWC memory layout for the UNet (faster convolutions on CPU and on tensor cores).
         compile: torch.compile the UNet in place (same parameter names, so checkpoints are unchanged; the first steps
             pay the compilation).
@@ -51,12 +72,19 @@ class DiffusionModel(GenerativeModule):
         self,
         unet: UNetConfig | None = None,
         image_size: int = 32,
+        backbone: str = "unet",
+        dit: DiTConfig | None = None,
+        objective: str = "vp",
         schedule: str = "linear",
         num_timesteps: int = 1000,
         zero_terminal_snr: bool = False,
         prediction_type: str = "epsilon",
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
+        time_sampling: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        time_shift: float = 1.0,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -64,7 +92,7 @@ class DiffusionModel(GenerativeModule):
         lr_schedule: str = "constant",
         ema_max_decay: float = 0.9999,
         ema_power: float = 2 / 3,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         sample_steps: int = 50,
         eta: float = 0.0,
         clip_sample: float | None = 1.0,
@@ -75,16 +103,19 @@ class DiffusionModel(GenerativeModule):
         super().__init__()
         unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())
         self.save_hyperparameters()
+        check_objective(objective, self.hparams)
+        self.hparams["sampler"] = sampler or DEFAULT_SAMPLER[objective]  # checkpoints name the sampler they used
         self.hparams["unet"] = unet_config.as_dict()  # plain types only: checkpoints load weights-only
-        self.net: torch.nn.Module = UNet(unet_config)
+        self.net, dit_config = build_backbone(backbone, unet_config, dit, image_size)
+        self.hparams["dit"] = dit_config.as_dict() if dit_config is not None else None
         self.ema = EMA(self.net, max_decay=ema_max_decay, power=ema_power)
         self.schedule = NoiseSchedule.from_name(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
-        self.loss_fn = DiffusionLoss(self.schedule, prediction_type, loss_weighting, min_snr_gamma)
-        self.make_sampler(sampler)  # fail at construction, not after an hour of training, on a bad sampler setting
+        self.loss_fn = objective_loss(objective, self.hparams, self.schedule)
+        self.make_sampler()  # fail at construction, not after an hour of training, on a bad sampler setting
         self.sample_shape = (unet_config.in_channels, image_size, image_size)  # what the sampler draws
 
     def wrap_network(self, net: torch.nn.Module) -> None:
-        """For subclasses: `net` (holding the UNet) becomes the trained network, with a fresh EMA copy of it."""
+        """For subclasses: `net` (holding the backbone) becomes the trained network, with a fresh EMA copy of it."""
         self.net = net
         self.ema = EMA(net, max_decay=self.hparams.ema_max_decay, power=self.hparams.ema_power)
 
@@ -141,23 +172,35 @@ class DiffusionModel(GenerativeModule):
         return self.adamw_with_warmup(p for p in self.net.parameters() if p.requires_grad)
 
     # --- sampling -------------------------------------------------------------------------------------------------
-    def make_sampler(self, name: str | None = None, eta: float | None = None) -> DDIMSampler | DDPMSampler:
-        """The named sampler (default: the model's) with the model's prediction type and clip_sample; DDIM's eta
-        defaults to the model's."""
+    @property
+    def objective(self) -> str:
+        return self.hparams.objective
+
+    def make_sampler(self, name: str | None = None, eta: float | None = None) -> Sampler:
+        """The named sampler (default: the model's; any of ALL_SAMPLER_NAMES that fits the objective) with the model's
+        settings: prediction type and clip_sample (vp), the time shift (flow); DDIM's eta defaults to the model's."""
         name = name or self.hparams.sampler
+        check_sampler_name(self.objective, name)
+        if eta is not None and name != "ddim":
+            raise UserInputError(f"eta is DDIM's noise scale; sampler {name!r} has none")
+        if self.objective == "flow":
+            return build_flow_sampler(name, shift=self.hparams.time_shift)
         kwargs: dict[str, Any] = {"clip_sample": self.hparams.clip_sample}
         if name == "ddim":
             kwargs["eta"] = self.hparams.eta if eta is None else eta
-        return make_sampler(name, self.schedule, self.hparams.prediction_type, **kwargs)
+        return build_sampler(name, self.schedule, self.hparams.prediction_type, **kwargs)
 
-    def resolve_sampler(self, sampler: str | DDIMSampler | DDPMSampler | None) -> DDIMSampler | DDPMSampler:
-        """A sampler object as given, or one made by name (None: the model's)."""
-        if isinstance(sampler, DDIMSampler | DDPMSampler):
-            return sampler
-        return self.make_sampler(sampler)
+    def resolve_sampler(self, sampler: str | Sampler | None) -> Sampler:
+        """A sampler object as given (any kind that fits the objective), or one made by name (None: the model's)."""
+        if sampler is None or isinstance(sampler, str):
+            return self.make_sampler(sampler)
+        check_sampler_object(self.objective, sampler)
+        return sampler
 
     def sampling_defaults(self) -> dict[str, Any]:
         hparams = self.hparams
+        if self.objective == "flow":
+            return {"sampler": hparams.sampler, "steps": hparams.sample_steps, "time_shift": hparams.time_shift}
         eta = {"eta": hparams.eta} if hparams.sampler == "ddim" else {}
         return {"sampler": hparams.sampler, "steps": hparams.sample_steps, **eta, "clip_sample": hparams.clip_sample}
 
@@ -170,7 +213,7 @@ class DiffusionModel(GenerativeModule):
         *,
         guidance: float = 1.0,
         steps: int | None = None,
-        sampler: str | DDIMSampler | DDPMSampler | None = None,
+        sampler: str | Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """n draws of shape `sample_shape` from x_T ~ N(0, I), in eval mode, by the EMA network called as
@@ -179,15 +222,11 @@ class DiffusionModel(GenerativeModule):
         denoiser, extra_args = self.ema.shadow, dict(cond or {})
         if uncond is not None:
             denoiser, extra_args = CFGDenoiser(self.ema.shadow, guidance), {"cond": cond, "uncond": uncond}
+        sampler = self.resolve_sampler(sampler)
+        noise = gaussian_noise((n, *self.sample_shape), generator, self.device)
         with self.evaluating():
             return sample_loop(
-                denoiser,
-                self.resolve_sampler(sampler),
-                (n, *self.sample_shape),
-                steps or self.hparams.sample_steps,
-                generator=generator,
-                device=self.device,
-                extra_args=extra_args,
+                denoiser, sampler, noise, steps or self.hparams.sample_steps, extra_args, generator=generator
             )
 
     @torch.no_grad()
@@ -198,7 +237,7 @@ class DiffusionModel(GenerativeModule):
         *,
         steps: int | None = None,
         guidance: float | None = None,
-        sampler: str | DDIMSampler | DDPMSampler | None = None,
+        sampler: str | Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """n images in [-1, 1], NCHW (GenerativeModule.sample). Unconditional: no cond, no guidance."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gen_lightning.diffusion import DDIMSampler, DDPMSampler
+from gen_lightning.diffusion import Sampler
 from gen_lightning.models.checkpoint_format import renamed
 from gen_lightning.models.clip import load_clip
 from gen_lightning.models.diffusion import DiffusionModel
@@ -222,7 +222,7 @@ class LatentDiffusionModel(DiffusionModel):
         *,
         steps: int | None = None,
         guidance: float | None = None,
-        sampler: str | DDIMSampler | DDPMSampler | None = None,
+        sampler: str | Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """n images in [-1, 1] for the prompts `cond` (cycled to n; None: sample_prompts) with CFG weight `guidance`

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from gen_lightning.actions import ACTION_DIM, encode_action
-from gen_lightning.diffusion import DDIMSampler, DDPMSampler
+from gen_lightning.diffusion import Sampler
 from gen_lightning.errors import UserInputError
 from gen_lightning.models.diffusion import DiffusionModel
 from gen_lightning.nn.unet import UNetConfig
@@ -207,7 +207,7 @@ class WorldModel(DiffusionModel):
         *,
         steps: int | None = None,
         guidance: float | None = None,
-        sampler: str | DDIMSampler | DDPMSampler | None = None,
+        sampler: str | Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """n next frames [n, 3, H, W] in [-1, 1] after `cond` (context frames and actions); None: the stored start
@@ -235,7 +235,7 @@ class WorldModel(DiffusionModel):
         actions: torch.Tensor,
         *,
         steps: int | None = None,
-        sampler: str | DDIMSampler | DDPMSampler | None = None,
+        sampler: str | Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Autoregressive rollout: [N, T, 3, H, W] frames for actions [N, T, A], each step's prediction appended to

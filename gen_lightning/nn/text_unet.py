@@ -1,4 +1,5 @@
-"""Latent diffusion's one network (pure torch): a UNet conditioned on text through cross-attention (and, with
+"""Latent diffusion's one network (pure torch): a UNet or a DiT (held as `unet`, the name its checkpoint keys keep)
+conditioned on text through cross-attention (and, with
 `pooled_text`, the caption's pooled state added to its time embedding), owning its text encoder and the caption
 dropout that trains classifier-free guidance's unconditional branch (DiT's LabelEmbedder.token_drop).
 
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from gen_lightning.nn.dit import DiT
 from gen_lightning.nn.text import TextEncoder
 from gen_lightning.nn.unet import UNet
 
@@ -27,14 +29,14 @@ class TextConditionedUNet(nn.Module):
     Args:
         unet: context_dim = the text encoder's width; cond_dim = the same with `pooled_text`, else 0.
         text: the text encoder; trainable, or a frozen tower (CLIP's) with `train_text=False`.
-        pooled_text: add the caption's pooled state to the UNet's time embedding.
+        pooled_text: add the caption's pooled state to the backbone's time embedding (the DiT's adaLN input).
         caption_dropout: in training mode, the probability that a caption is replaced by the empty one. The null
             conditioning is the encoding of "" (no learned null embedding).
     """
 
     def __init__(
         self,
-        unet: UNet,
+        unet: UNet | DiT,
         text: TextEncoder,
         *,
         pooled_text: bool,

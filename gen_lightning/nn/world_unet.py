@@ -1,5 +1,6 @@
-"""The world model's one network (pure torch): a UNet that sees the noisy next frame concatenated with the context
-frames and the pointer channels, and the action (with the context-noise level) through its `cond` embedding.
+"""The world model's one network (pure torch): a UNet or a DiT (held as `unet`, the name its checkpoint keys keep)
+that sees the noisy next frame concatenated with the context frames and the pointer channels, and the action (with
+the context-noise level) through its `cond` embedding (the DiT's adaLN input).
 
     net(x_t, t, frames=[N, K, 3, H, W] (already noised), action=[N, A], noise_level=[N]) -> prediction [N, 3, H, W]
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gen_lightning.nn.dit import DiT
 from gen_lightning.nn.unet import UNet
 
 X, Y, BUTTON, CLICK = 0, 1, 2, 3  # positions in the encoded action (gen_lightning.actions.encode_action)
@@ -39,7 +41,7 @@ class WorldUNet(nn.Module):
         channels_last: NHWC input (the UNet was converted to it).
     """
 
-    def __init__(self, unet: UNet, *, click_maps: bool, cursor_sigma: float, channels_last: bool = False) -> None:
+    def __init__(self, unet: UNet | DiT, *, click_maps: bool, cursor_sigma: float, channels_last: bool = False) -> None:
         super().__init__()
         self.unet = unet
         self.click_maps, self.cursor_sigma, self.channels_last = click_maps, cursor_sigma, channels_last

@@ -1,0 +1,7 @@
+"""The sampler names, by the training objective whose network output each sampler reads. A leaf without torch, so the
+command-line options (`--sampler` choices) stay light to import; diffusion.fast_samplers keys its registry by them."""
+
+VP_SAMPLER_NAMES = ("ddim", "ddpm", "dpm++", "euler", "heun")  # eps / v / x0 prediction on a VP noise schedule
+FLOW_SAMPLER_NAMES = ("flow_euler", "flow_heun")  # rectified flow's velocity
+ALL_SAMPLER_NAMES = (*VP_SAMPLER_NAMES, *FLOW_SAMPLER_NAMES)
+SAMPLER_NAMES_BY_OBJECTIVE = {"vp": VP_SAMPLER_NAMES, "flow": FLOW_SAMPLER_NAMES}
