@@ -158,6 +158,10 @@ class GenerativeModule(L.LightningModule):
         Classes with more to do (reshaped or dropped tensors, new hyper-parameters) extend it."""
         checkpoint["state_dict"] = renamed(checkpoint["state_dict"], cls.format_1_renames)
 
+    @classmethod
+    def upgrade_from_format_2(cls, checkpoint: dict[str, Any]) -> None:
+        """Format 3 changed only the autoencoder's hyper-parameters (VAEModel, LatentDiffusionModel extend this)."""
+
 
 def strategy_problem(model: GenerativeModule, strategy: object) -> str | None:
     """Why `model` cannot train under `strategy`, or None.

@@ -60,6 +60,7 @@ class LatentDiffusionModel(DiffusionModel):
 
     kind = "text-to-image"
     trains_on_captions = True
+    checkpoint_format = 3
 
     def __init__(
         self,
@@ -143,6 +144,13 @@ class LatentDiffusionModel(DiffusionModel):
             tower = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
             upgraded.update({f"ema.shadow.text.{k}": v.clone() for k, v in tower.items()})
         checkpoint["state_dict"] = upgraded
+
+    @classmethod
+    def upgrade_from_format_2(cls, checkpoint: dict[str, Any]) -> None:
+        """The first stage of a checkpoint before format 3 padded its downsampling on all sides."""
+        vae_config = checkpoint.setdefault("hyper_parameters", {}).get("vae_config")
+        if isinstance(vae_config, dict):
+            vae_config.setdefault("autoencoder", {}).setdefault("downsample", "same")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from gen_lightning.errors import UserInputError
 from gen_lightning.images import make_grid, psnr, publish_image
 from gen_lightning.models.base import GenerativeModule
 from gen_lightning.models.checkpoint_format import renamed
@@ -88,6 +89,13 @@ class VAEModel(GenerativeModule):
     """
 
     format_1_renames = (("autoencoder.", "net."),)
+    checkpoint_format = 3
+
+    @classmethod
+    def upgrade_from_format_2(cls, checkpoint: dict[str, Any]) -> None:
+        """VAEs before format 3 padded their downsampling on all sides (AutoencoderConfig.downsample)."""
+        hparams = checkpoint.setdefault("hyper_parameters", {})
+        hparams.setdefault("autoencoder", {}).setdefault("downsample", "same")
 
     def __init__(
         self,
@@ -120,6 +128,17 @@ class VAEModel(GenerativeModule):
             raise ValueError(f"image_size {image_size} is not divisible by {self.net.downsample_factor}")
         self.image_shape = (config.in_channels, image_size, image_size)
         self.latent_shape = self.net.latent_shape(image_size)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Resuming builds the model from the run's config, where `downsample` now defaults to "ldm": a VAE saved
+        # with the other padding would load its weights into a different function without a word.
+        saved = checkpoint.get("hyper_parameters", {}).get("autoencoder", {}).get("downsample")
+        if saved is not None and saved != self.net.config.downsample:
+            raise UserInputError(
+                f"this checkpoint's VAE pads its downsampling as {saved!r}, the model being resumed as "
+                f"{self.net.config.downsample!r}; resume with --model.init_args.autoencoder.downsample={saved}"
+            )
 
     # --- training -------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
