@@ -115,7 +115,10 @@ def shards_main(args: Sequence[str]) -> None:
     sub = parser.add_subparsers(dest="source", required=True)
     add_source_parsers(sub)
     encode = sub.add_parser("encode", help="add VAE latents (latent.npy) to a shard folder, for latent diffusion")
-    encode.add_argument("--vae", required=True, help="VAEModel checkpoint")
+    encode.add_argument("--vae", required=True, help="VAEModel checkpoint or export folder, or a diffusers "
+                        "AutoencoderKL / Stable Diffusion pipeline folder (hf extra)")  # fmt: skip
+    encode.add_argument("--image-size", type=int, default=None, help="pixel size to encode at (default: the VAE "
+                        "checkpoint's image_size; required for a diffusers folder)")  # fmt: skip
     encode.add_argument("--data", required=True, help="shard folder written by `gen-lightning shards` (both splits)")
     encode.add_argument("--out", required=True, help="output folder")
     encode.add_argument("--batch-size", type=int, default=64)
@@ -131,12 +134,19 @@ def shards_main(args: Sequence[str]) -> None:
 def encode_latent_shards(ns: argparse.Namespace) -> dict:
     """`shards encode`: the one shard writer that needs a model, so the CLI hands data the VAE's encoder."""
     from gen_lightning.data.latent_source import write_latent_shards
-    from gen_lightning.models.loading import load_model
-    from gen_lightning.models.vae import VAEModel
+    from gen_lightning.errors import UserInputError
+    from gen_lightning.models.vae import load_first_stage
+    from gen_lightning.nn.autoencoder import encode_fp32
 
-    vae = load_model(ns.vae, expected=VAEModel).to(ns.device)
+    # The first stage latent diffusion would use (EMA weights of ours; a folder's AutoencoderKL), posterior mode, fp32.
+    first_stage = load_first_stage(ns.vae)
+    image_size = ns.image_size or first_stage.config.get("image_size")
+    if image_size is None:
+        raise UserInputError(f"shards encode --vae {ns.vae}: a diffusers folder has no image size; pass --image-size")
+    autoencoder = first_stage.autoencoder.to(ns.device)
     return write_latent_shards(
-        ns.data, ns.out, encode=vae.encode, fingerprint=vae.fingerprint(), image_size=int(vae.hparams.image_size),
+        ns.data, ns.out, encode=lambda images: encode_fp32(autoencoder, images.to(ns.device)),
+        fingerprint=first_stage.fingerprint, image_size=int(image_size),
         batch_size=ns.batch_size, samples_per_shard=ns.samples_per_shard,
         provenance={"vae_checkpoint": str(Path(ns.vae).resolve())},
     )  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gen_lightning.errors import UserInputError
-from gen_lightning.models.base import GenerativeModule
+from gen_lightning.models.base import GenerativeModule, fill_external_state
 from gen_lightning.models.checkpoint_format import upgrade
 
 
@@ -115,6 +115,7 @@ def load_model(path: str | Path, expected: type[GenerativeModule] | None = None)
         # The class named in the file with the file's arguments: a file relabelled (or written by another version)
         # fails here or in load_state_dict, with a TypeError / RuntimeError that would not name the file.
         model = cls(**hparams)
+        fill_external_state(model, state_dict)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise CheckpointError(

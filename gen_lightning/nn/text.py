@@ -93,6 +93,12 @@ class TextEncoder(nn.Module):
         # Causal: the state at EOT summarises the caption, and padding after EOT cannot leak into real tokens.
         return self.ln_final(self.transformer(x, causal=True))
 
+    def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states [N, L, width], pooled state [N, width]): what any text tower of latent diffusion gives
+        (interop.clip_text.CLIPTextTower too)."""
+        hidden = self(ids)
+        return hidden, self.pool(ids, hidden)
+
     @staticmethod
     def pool(ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """The hidden state at each row's EOT token, [N, width]."""
