@@ -13,12 +13,12 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from gen_lightning.cli import main  # noqa: E402
-from gen_lightning.data.shard_writer import read_manifest  # noqa: E402
-from gen_lightning.models.latent_diffusion import LatentDiffusionModel  # noqa: E402
-from gen_lightning.models.loading import load_model  # noqa: E402
-from tests.conftest import toy_data_args  # noqa: E402
-from tests.hf_folders import offline, sd_pipeline_root  # noqa: E402, F401
+from gen_lightning.cli import main
+from gen_lightning.data.shard_writer import read_manifest
+from gen_lightning.models.latent_diffusion import LatentDiffusionModel
+from gen_lightning.models.loading import load_model
+from tests.conftest import toy_data_args
+from tests.hf_folders import offline, sd_pipeline_root  # noqa: F401
 
 pytestmark = [pytest.mark.usefixtures("offline"), pytest.mark.slow]
 
