@@ -34,6 +34,8 @@ Tools:
   evaluate   FID/KID JSON report:      gen-lightning evaluate --ckpt CKPT --data data/emoji --num-samples 1000
              (a world model: one-step PSNR/SSIM/cursor accuracy/FID + 16-step rollouts on held-out episodes)
   play       drive a world model:      gen-lightning play --ckpt CKPT [--port 8000]
+  export     safetensors / diffusers:  gen-lightning export --ckpt CKPT --out DIR [--format diffusers]
+             (sample, evaluate and play take such a folder as --ckpt)
 """
 
 
@@ -263,7 +265,8 @@ def play_main(args: Sequence[str]) -> None:
         prog="gen-lightning play",
         description="Drive a world model from a web page: each mouse/keyboard event is one generated frame.",
     )
-    parser.add_argument("--ckpt", required=True, help="WorldModel checkpoint written by `gen-lightning fit`")
+    parser.add_argument("--ckpt", required=True, help="WorldModel checkpoint written by `gen-lightning fit`, or a "
+                        "folder written by `gen-lightning export`")  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps per frame (default: the model's)")
@@ -283,7 +286,32 @@ def play_main(args: Sequence[str]) -> None:
     serve(make_server(session, ns.host, ns.port))
 
 
-TOOLS = {"shards": shards_main, "sample": sample_main, "evaluate": evaluate_main, "play": play_main}
+# --- export -----------------------------------------------------------------------------------------------------------
+def export_main(args: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="gen-lightning export",
+        description="A model as safetensors + gen_lightning.json (every model), and as a diffusers folder where "
+        "diffusers has the same network (--format diffusers: DDIMPipeline for a pixel DiffusionModel, AutoencoderKL "
+        "for a VAE).",
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit` (or an export)")
+    parser.add_argument("--out", required=True, help="new folder (must not exist, or be empty)")
+    parser.add_argument("--weights", choices=("ema", "trained"), default=None,
+                        help="the EMA weights (default; CLIP: trained) or the raw trained ones")  # fmt: skip
+    parser.add_argument("--format", choices=("safetensors", "diffusers"), default="safetensors", dest="fmt")
+    parser.add_argument("--scaling-factor", type=float, default=None,
+                        help="VAE -> AutoencoderKL only: the config's scaling_factor (default 1.0)")  # fmt: skip
+    ns = parser.parse_args(args)
+    from gen_lightning.export import export
+
+    summary = export(ns.ckpt, ns.out, weights=ns.weights, fmt=ns.fmt, scaling_factor=ns.scaling_factor)
+    print(f"wrote {summary.out}: {', '.join(summary.files)}")
+    for note in summary.notes:
+        print(f"note: {note}")
+
+
+TOOLS = {"shards": shards_main, "sample": sample_main, "evaluate": evaluate_main, "play": play_main,
+         "export": export_main}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """The checkpoint and how to sample from it; settings left out are the model's (its sampling_defaults)."""
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit`")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit`, or a folder "
+                        "written by `gen-lightning export`")  # fmt: skip
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the model's")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight (model default)")

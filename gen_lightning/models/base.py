@@ -29,6 +29,8 @@ class GenerativeModule(L.LightningModule):
     trains_on_captions: ClassVar[bool] = False
     # The layout of this class's state dict (models.checkpoint_format), and the renames from format 1.
     checkpoint_format: ClassVar[int] = 2
+    # Whether the model keeps an EMA copy of `net` (`ema.shadow`); CLIP does not.
+    keeps_ema: ClassVar[bool] = True
     format_1_renames: ClassVar[tuple[Rule, ...]] = ()
     _last_ema_step = -1
 
