@@ -159,3 +159,10 @@ def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(PretrainedFolderError, match=r"pip install -e '\.\[hf\]'"):
         load_first_stage(folder)
+
+
+def test_penultimate_needs_a_hugging_face_tower(tiny_vae_checkpoint):
+    from gen_lightning.models.latent_diffusion import LatentDiffusionModel
+
+    with pytest.raises(ValueError, match="text_layer='penultimate' needs a Hugging Face CLIP text folder"):
+        LatentDiffusionModel(vae_checkpoint=str(tiny_vae_checkpoint), text_layer="penultimate", image_size=16)
