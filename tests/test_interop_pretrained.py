@@ -166,3 +166,28 @@ def test_penultimate_needs_a_hugging_face_tower(tiny_vae_checkpoint):
 
     with pytest.raises(ValueError, match="text_layer='penultimate' needs a Hugging Face CLIP text folder"):
         LatentDiffusionModel(vae_checkpoint=str(tiny_vae_checkpoint), text_layer="penultimate", image_size=16)
+
+
+def test_a_full_clip_model_folder_serves_its_text_tower(tmp_path):
+    """A transformers CLIPModel folder (vision tower and projections too): only the text tower is read, exactly."""
+    from tests.hf_folders import tiny_clip_tokenizer
+
+    vocab = json.loads((tiny_clip_tokenizer(tmp_path) / "vocab.json").read_text())
+    eos = vocab["<|endoftext|>"]
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 16,
+                     "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": eos, "pad_token_id": eos},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(str(tmp_path))
+    tower = CLIPTextTower(tmp_path)
+    ids, _ = tower.tokenize(["red circle", ""])
+    with torch.no_grad():
+        hidden, pooled = tower.encode(ids)
+        expected = model.text_model(input_ids=ids)
+    assert torch.equal(hidden, expected.last_hidden_state) and torch.equal(pooled, expected.pooler_output)
