@@ -111,15 +111,15 @@ class CLIPTextTower(nn.Module):
 
     def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states [N, L, width] of the chosen layer, pooled state [N, width])."""
+        return self(ids, with_pooled=True)
+
+    def forward(self, ids: torch.Tensor, with_pooled: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         penultimate = self.layer == "penultimate"
         out = self.model(input_ids=ids, output_hidden_states=penultimate)
         hidden = out.last_hidden_state
         if penultimate:  # transformers 4.x nests the tower under text_model, 5.x does not
             hidden = getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-2])
-        return hidden, out.pooler_output
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.encode(ids)[0]
+        return (hidden, out.pooler_output) if with_pooled else hidden
 
     def train(self, mode: bool = True) -> CLIPTextTower:
         return super().train(False)  # frozen: inference behaviour always

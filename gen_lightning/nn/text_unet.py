@@ -25,9 +25,9 @@ class TextConditionedUNet(nn.Module):
 
     Args:
         unet: context_dim = the text encoder's width; cond_dim = the same with `pooled_text`, else 0.
-        text: the text encoder (nn.text.TextEncoder, or any module with its tokenize / encode / padding_mask /
-            context_length / width, e.g. interop.clip_text.CLIPTextTower); trainable, or a frozen tower (CLIP's)
-            with `train_text=False`.
+        text: the text encoder (nn.text.TextEncoder, or any module with its tokenize / padding_mask /
+            context_length / width and forward(ids, with_pooled=True) -> (hidden, pooled), e.g.
+            interop.clip_text.CLIPTextTower); trainable, or a frozen tower (CLIP's) with `train_text=False`.
         pooled_text: add the caption's pooled state to the UNet's time embedding.
         caption_dropout: in training mode, the probability that a caption is replaced by the empty one. The null
             conditioning is the encoding of "" (no learned null embedding).
@@ -69,7 +69,7 @@ class TextConditionedUNet(nn.Module):
         # (Hugging Face's CLIP text tower is causal too: interop.clip_text.)
         tokens = tokens[:, : int(self.text.padding_mask(tokens).sum(1).max())]
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_text):
-            hidden, pooled = self.text.encode(tokens)
+            hidden, pooled = self.text(tokens, with_pooled=True)
         return hidden, self.text.padding_mask(tokens), pooled
 
     def forward(
