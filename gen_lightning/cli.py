@@ -34,6 +34,8 @@ Tools:
   evaluate   FID/KID JSON report:      gen-lightning evaluate --ckpt CKPT --data data/emoji --num-samples 1000
              (a world model: one-step PSNR/SSIM/cursor accuracy/FID + 16-step rollouts on held-out episodes)
   play       drive a world model:      gen-lightning play --ckpt CKPT [--port 8000]
+  export     safetensors / diffusers:  gen-lightning export --ckpt CKPT --out DIR [--format diffusers]
+             (sample, evaluate and play take such a folder as --ckpt)
 """
 
 
@@ -115,7 +117,10 @@ def shards_main(args: Sequence[str]) -> None:
     sub = parser.add_subparsers(dest="source", required=True)
     add_source_parsers(sub)
     encode = sub.add_parser("encode", help="add VAE latents (latent.npy) to a shard folder, for latent diffusion")
-    encode.add_argument("--vae", required=True, help="VAEModel checkpoint")
+    encode.add_argument("--vae", required=True, help="VAEModel checkpoint or export folder, or a diffusers "
+                        "AutoencoderKL / Stable Diffusion pipeline folder (hf extra)")  # fmt: skip
+    encode.add_argument("--image-size", type=int, default=None, help="pixel size to encode at (default: the VAE "
+                        "checkpoint's image_size; required for a diffusers folder)")  # fmt: skip
     encode.add_argument("--data", required=True, help="shard folder written by `gen-lightning shards` (both splits)")
     encode.add_argument("--out", required=True, help="output folder")
     encode.add_argument("--batch-size", type=int, default=64)
@@ -131,12 +136,19 @@ def shards_main(args: Sequence[str]) -> None:
 def encode_latent_shards(ns: argparse.Namespace) -> dict:
     """`shards encode`: the one shard writer that needs a model, so the CLI hands data the VAE's encoder."""
     from gen_lightning.data.latent_source import write_latent_shards
-    from gen_lightning.models.loading import load_model
-    from gen_lightning.models.vae import VAEModel
+    from gen_lightning.errors import UserInputError
+    from gen_lightning.models.vae import load_first_stage
+    from gen_lightning.nn.autoencoder import encode_fp32
 
-    vae = load_model(ns.vae, expected=VAEModel).to(ns.device)
+    # The first stage latent diffusion would use (EMA weights of ours; a folder's AutoencoderKL), posterior mode, fp32.
+    first_stage = load_first_stage(ns.vae)
+    image_size = ns.image_size or first_stage.config.get("image_size")
+    if image_size is None:
+        raise UserInputError(f"shards encode --vae {ns.vae}: a diffusers folder has no image size; pass --image-size")
+    autoencoder = first_stage.autoencoder.to(ns.device)
     return write_latent_shards(
-        ns.data, ns.out, encode=vae.encode, fingerprint=vae.fingerprint(), image_size=int(vae.hparams.image_size),
+        ns.data, ns.out, encode=lambda images: encode_fp32(autoencoder, images.to(ns.device)),
+        fingerprint=first_stage.fingerprint, image_size=int(image_size),
         batch_size=ns.batch_size, samples_per_shard=ns.samples_per_shard,
         provenance={"vae_checkpoint": str(Path(ns.vae).resolve())},
     )  # fmt: skip
@@ -257,7 +269,8 @@ def play_main(args: Sequence[str]) -> None:
         prog="gen-lightning play",
         description="Drive a world model from a web page: each mouse/keyboard event is one generated frame.",
     )
-    parser.add_argument("--ckpt", required=True, help="WorldModel checkpoint written by `gen-lightning fit`")
+    parser.add_argument("--ckpt", required=True, help="WorldModel checkpoint written by `gen-lightning fit`, or a "
+                        "folder written by `gen-lightning export`")  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps per frame (default: the model's)")
@@ -277,7 +290,32 @@ def play_main(args: Sequence[str]) -> None:
     serve(make_server(session, ns.host, ns.port))
 
 
-TOOLS = {"shards": shards_main, "sample": sample_main, "evaluate": evaluate_main, "play": play_main}
+# --- export -----------------------------------------------------------------------------------------------------------
+def export_main(args: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="gen-lightning export",
+        description="A model as safetensors + gen_lightning.json (every model), and as a diffusers folder where "
+        "diffusers has the same network (--format diffusers: DDIMPipeline for a pixel DiffusionModel, AutoencoderKL "
+        "for a VAE).",
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit` (or an export)")
+    parser.add_argument("--out", required=True, help="new folder (must not exist, or be empty)")
+    parser.add_argument("--weights", choices=("ema", "trained"), default=None,
+                        help="the EMA weights (default; CLIP: trained) or the raw trained ones")  # fmt: skip
+    parser.add_argument("--format", choices=("safetensors", "diffusers"), default="safetensors", dest="fmt")
+    parser.add_argument("--scaling-factor", type=float, default=None,
+                        help="VAE -> AutoencoderKL only: the config's scaling_factor (default 1.0)")  # fmt: skip
+    ns = parser.parse_args(args)
+    from gen_lightning.export import export
+
+    summary = export(ns.ckpt, ns.out, weights=ns.weights, fmt=ns.fmt, scaling_factor=ns.scaling_factor)
+    print(f"wrote {summary.out}: {', '.join(summary.files)}")
+    for note in summary.notes:
+        print(f"note: {note}")
+
+
+TOOLS = {"shards": shards_main, "sample": sample_main, "evaluate": evaluate_main, "play": play_main,
+         "export": export_main}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -121,7 +121,10 @@ def legacy_data(toy_shards, toy_world) -> dict[str, tuple[Path, Path]]:
 def test_a_legacy_checkpoint_resumes_training(name, legacy_data, tmp_path):
     """fit --ckpt_path on a format-1 checkpoint: weights, EMA, optimizer (AdamW's moments, in parameter order),
     scheduler and loop state are restored, and training continues at step 3."""
-    main([*fit_args(name, tmp_path, legacy_data), f"--ckpt_path={LEGACY / f'{name}.ckpt'}", "--trainer.max_steps=3"])
+    # A VAE of the old padding resumes only when asked to keep it (new VAEs pad as AutoencoderKL does, "ldm").
+    keep = ["--model.init_args.autoencoder.downsample=same"] if name == "vae" else []
+    resume = [f"--ckpt_path={LEGACY / f'{name}.ckpt'}", "--trainer.max_steps=3"]
+    main([*fit_args(name, tmp_path, legacy_data), *keep, *resume])
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 3
     adam = resumed["optimizer_states"][0]["state"]
@@ -156,3 +159,31 @@ def test_a_legacy_checkpoint_samples_from_the_command_line(tmp_path, capsys):
     main(["sample", f"--ckpt={LEGACY / 'ldm_text.ckpt'}", "--prompt=red circle", "--n=2", "--steps=2", "--no-ema",
           f"--out={out}", "--device=cpu"])  # fmt: skip
     assert out.is_file() and "2 samples" in capsys.readouterr().out
+
+
+def test_a_format_2_vae_keeps_its_padding(tmp_path):
+    """A VAE written before format 3 (no `downsample` in its hyper-parameters) loads with the all-sides padding it was
+    trained with, encodes as that network does, and a resume with the new default padding is refused by name."""
+    from gen_lightning.models.loading import load_model
+    from gen_lightning.models.vae import VAEModel
+    from gen_lightning.nn.autoencoder import Autoencoder
+    from tests.conftest import save_checkpoint
+
+    torch.manual_seed(0)
+    old = VAEModel(autoencoder={"channels": [8, 8], "latent_channels": 2, "downsample": "same"}, image_size=16)
+    path = save_checkpoint(old, tmp_path / "format2.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["hyper_parameters"]["autoencoder"]["downsample"]
+    checkpoint["gen_lightning"]["format"] = 2
+    torch.save(checkpoint, path)
+    loaded = load_model(path, VAEModel)
+    assert loaded.net.config.downsample == "same"
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(loaded.encode(x), old.encode(x))
+    other = Autoencoder({"channels": [8, 8], "latent_channels": 2})
+    other.load_state_dict(loaded.ema.shadow.state_dict())
+    assert not torch.allclose(other.encode(x).mode(), loaded.encode(x)), "the padding must matter to the test"
+    with pytest.raises(Exception, match="downsample=same"):
+        VAEModel(autoencoder={"channels": [8, 8], "latent_channels": 2}, image_size=16).on_load_checkpoint(
+            torch.load(path, weights_only=True)
+        )

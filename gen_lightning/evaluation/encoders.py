@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from gen_lightning.errors import UserInputError
+from gen_lightning.interop.folders import EXPORT_MARKER
 from gen_lightning.metrics.clip_score import CLIPScore, TextImageEncoder
 
 log = logging.getLogger(__name__)
@@ -23,20 +24,20 @@ class EncoderPathError(UserInputError):
 
 ACCEPTED = (
     "a Hugging Face CLIP directory (written by save_pretrained, with config.json) "
-    "or a gen_lightning CLIP checkpoint file (.ckpt)"
+    "or a gen_lightning CLIP checkpoint file (.ckpt) or export folder"
 )
 
 
 def load_text_image_encoder(path: str | Path) -> TextImageEncoder:
     """The frozen, eval-mode image/text encoder pair stored at `path`; nothing is downloaded."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not (path / EXPORT_MARKER).is_file():  # an export of our CLIP loads as its checkpoint
         if not (path / "config.json").is_file():
             raise EncoderPathError(f"{str(path)!r} is a directory without config.json; expected {ACCEPTED}")
         from gen_lightning.metrics.hf_clip import HuggingFaceCLIP
 
         return HuggingFaceCLIP(path)
-    if path.is_file():
+    if path.exists():
         from gen_lightning.models.clip import load_clip  # weights-only: no code from the file runs
 
         return load_clip(path)

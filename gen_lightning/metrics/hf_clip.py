@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen_lightning.errors import UserInputError
+from gen_lightning.interop.clip_text import tokenize_with_lengths
 
 # OpenAI CLIP's preprocessing: what CLIPImageProcessor uses when a directory has no preprocessor_config.json.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -180,14 +181,7 @@ class HuggingFaceCLIP(nn.Module):
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (ids [N, context_length] truncated and padded, token count with BOS/EOS before truncation [N])."""
-        texts = list(texts)
-        # verbose=False: the length-only pass must not warn about sequences longer than the model; CLIPScore does.
-        full = self.tokenizer(texts, truncation=False, padding=False, verbose=False)["input_ids"]
-        lengths = torch.tensor([len(ids) for ids in full], dtype=torch.long)
-        ids = self.tokenizer(
-            texts, truncation=True, max_length=self.context_length, padding="max_length", return_tensors="pt"
-        )["input_ids"]
-        return ids, lengths
+        return tokenize_with_lengths(self.tokenizer, texts, self.context_length)
 
     def _parameter(self) -> torch.Tensor:
         return next(self.model.parameters())

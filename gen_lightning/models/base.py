@@ -29,6 +29,8 @@ class GenerativeModule(L.LightningModule):
     trains_on_captions: ClassVar[bool] = False
     # The layout of this class's state dict (models.checkpoint_format), and the renames from format 1.
     checkpoint_format: ClassVar[int] = 2
+    # Whether the model keeps an EMA copy of `net` (`ema.shadow`); CLIP does not.
+    keeps_ema: ClassVar[bool] = True
     format_1_renames: ClassVar[tuple[Rule, ...]] = ()
     _last_ema_step = -1
 
@@ -149,23 +151,47 @@ class GenerativeModule(L.LightningModule):
         """What sample()'s settings left None resolve to (reports say what numbers were measured with)."""
         return {}
 
+    def external_state_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of weights that live in a folder the model refers to (a Hugging Face VAE or text
+        tower), not in its checkpoints: dropped when saving, refilled from the folder's weights when loading."""
+        return ()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
         checkpoint["gen_lightning"] = {
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
             "format": cls.checkpoint_format,
         }
+        if prefixes := self.external_state_prefixes():
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith(prefixes)]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning calls this before it loads the state dict (fit/validate --ckpt_path, auto-resume, hpc_ckpt):
-        a checkpoint of an older format is mapped to this one first."""
+        a checkpoint of an older format is mapped to this one first, and referenced weights are refilled so the
+        strict load finds every key."""
         upgrade(checkpoint, type(self))
+        if isinstance(checkpoint.get("state_dict"), dict):
+            fill_external_state(self, checkpoint["state_dict"])
 
     @classmethod
     def upgrade_from_format_1(cls, checkpoint: dict[str, Any]) -> None:
         """A format-1 checkpoint (dict, in place) in this class's layout: its keys renamed by format_1_renames.
         Classes with more to do (reshaped or dropped tensors, new hyper-parameters) extend it."""
         checkpoint["state_dict"] = renamed(checkpoint["state_dict"], cls.format_1_renames)
+
+    @classmethod
+    def upgrade_from_format_2(cls, checkpoint: dict[str, Any]) -> None:
+        """Format 3 changed only the autoencoder's hyper-parameters (VAEModel, LatentDiffusionModel extend this)."""
+
+
+def fill_external_state(model: GenerativeModule, state_dict: dict[str, Any]) -> None:
+    """`state_dict` (in place) completed with the model's own values of the keys under its external prefixes."""
+    if prefixes := model.external_state_prefixes():
+        for key, value in model.state_dict().items():
+            if key.startswith(prefixes):
+                state_dict.setdefault(key, value)
 
 
 def strategy_problem(model: GenerativeModule, strategy: object) -> str | None:

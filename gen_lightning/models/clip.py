@@ -42,6 +42,8 @@ class CLIPModel(GenerativeModule):
         zero_shot_template: prompt for zero-shot classes on val ("{}" is replaced by the class name).
     """
 
+    keeps_ema = False
+
     kind = "encoder"
     trains_on_captions = True
     format_1_renames = (

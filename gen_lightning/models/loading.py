@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import pickle
 import re
 from collections.abc import Callable, Iterator
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from gen_lightning.errors import UserInputError
-from gen_lightning.models.base import GenerativeModule
+from gen_lightning.interop.folders import EXPORT_MARKER
+from gen_lightning.models.base import GenerativeModule, fill_external_state
 from gen_lightning.models.checkpoint_format import upgrade
 
 
@@ -27,9 +29,17 @@ class CheckpointError(UserInputError):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint file, or a folder written by `gen-lightning export`, as a checkpoint dict."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        if (path / EXPORT_MARKER).is_file():
+            return read_export(path)
+        raise CheckpointError(
+            f"{str(path)!r} is a folder without {EXPORT_MARKER}, not a model written by gen-lightning export "
+            "(a Lightning checkpoint is a .ckpt file)"
+        )
     if not path.is_file():
         kind = "a directory" if path.is_dir() else "not a regular file"
         raise CheckpointError(f"checkpoint {str(path)!r} is {kind}, not a checkpoint file")
@@ -45,6 +55,33 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
+
+
+def read_export(folder: Path) -> dict[str, Any]:
+    """A `gen-lightning export` folder (gen_lightning.json + model.safetensors: no pickle) in checkpoint form: the
+    exported weights become both the network and its EMA copy, and paths to the parts it carries are resolved."""
+    from safetensors.torch import load_file
+
+    meta_path, weights = folder / EXPORT_MARKER, folder / "model.safetensors"
+    try:
+        meta = json.loads(meta_path.read_text())
+        state = load_file(weights)
+    except (OSError, ValueError) as err:  # json and safetensors raise ValueError subclasses on bad bytes
+        raise CheckpointError(f"export {str(folder)!r} cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("hyper_parameters"), dict):
+        raise CheckpointError(f"{str(meta_path)!r} lacks the model's class_path or hyper_parameters")
+    hparams = dict(meta["hyper_parameters"])
+    for key in meta.get("relative_paths", []):
+        if hparams.get(key) is not None:
+            hparams[key] = str(folder / hparams[key])
+    if meta.get("ema_from_net"):
+        state |= {f"ema.shadow.{k[4:]}": v.clone() for k, v in state.items() if k.startswith("net.")}
+        state["ema.num_updates"] = torch.zeros((), dtype=torch.long)
+    return {
+        "state_dict": state,
+        "hyper_parameters": hparams,
+        "gen_lightning": {"class_path": meta.get("class_path"), "format": meta.get("checkpoint_format", 1)},
+    }
 
 
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
@@ -115,6 +152,7 @@ def load_model(path: str | Path, expected: type[GenerativeModule] | None = None)
         # The class named in the file with the file's arguments: a file relabelled (or written by another version)
         # fails here or in load_state_dict, with a TypeError / RuntimeError that would not name the file.
         model = cls(**hparams)
+        fill_external_state(model, state_dict)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise CheckpointError(

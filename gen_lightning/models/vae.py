@@ -22,16 +22,21 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gen_lightning.errors import UserInputError
 from gen_lightning.images import make_grid, psnr, publish_image
+from gen_lightning.interop.folders import is_pretrained_folder
 from gen_lightning.models.base import GenerativeModule
 from gen_lightning.models.checkpoint_format import renamed
 from gen_lightning.models.loading import load_network
 from gen_lightning.nn.autoencoder import Autoencoder, AutoencoderConfig, decode_fp32, encode_fp32
 from gen_lightning.nn.ema import EMA
+
+if TYPE_CHECKING:
+    from gen_lightning.interop.diffusers_vae import DiffusersAutoencoder
 
 LOG_2PI = math.log(2 * math.pi)
 BIN_WIDTH = 2.0 / 255.0  # 8-bit levels mapped to [-1, 1]
@@ -88,6 +93,13 @@ class VAEModel(GenerativeModule):
     """
 
     format_1_renames = (("autoencoder.", "net."),)
+    checkpoint_format = 3
+
+    @classmethod
+    def upgrade_from_format_2(cls, checkpoint: dict[str, Any]) -> None:
+        """VAEs before format 3 padded their downsampling on all sides (AutoencoderConfig.downsample)."""
+        hparams = checkpoint.setdefault("hyper_parameters", {})
+        hparams.setdefault("autoencoder", {}).setdefault("downsample", "same")
 
     def __init__(
         self,
@@ -120,6 +132,17 @@ class VAEModel(GenerativeModule):
             raise ValueError(f"image_size {image_size} is not divisible by {self.net.downsample_factor}")
         self.image_shape = (config.in_channels, image_size, image_size)
         self.latent_shape = self.net.latent_shape(image_size)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Resuming builds the model from the run's config, where `downsample` now defaults to "ldm": a VAE saved
+        # with the other padding would load its weights into a different function without a word.
+        saved = checkpoint.get("hyper_parameters", {}).get("autoencoder", {}).get("downsample")
+        if saved is not None and saved != self.net.config.downsample:
+            raise UserInputError(
+                f"this checkpoint's VAE pads its downsampling as {saved!r}, the model being resumed as "
+                f"{self.net.config.downsample!r}; resume with --model.init_args.autoencoder.downsample={saved}"
+            )
 
     # --- training -------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -246,16 +269,38 @@ class VAEModel(GenerativeModule):
 
 @dataclass(frozen=True)
 class FirstStage:
-    """A trained VAE as latent diffusion's frozen first stage: its autoencoder with the EMA weights (what
-    VAEModel.encode/decode use), its hyper-parameters (to rebuild it without the file) and its fingerprint."""
+    """Latent diffusion's frozen first stage: a trained VAE's autoencoder with the EMA weights (what VAEModel.encode/
+    decode use), or a diffusers AutoencoderKL folder's module (interop.diffusers_vae); its hyper-parameters (to
+    rebuild ours without the file), its fingerprint, and the folder's latent scale and shift (None / 0 for ours,
+    whose scale latent diffusion measures). `external`: the weights live in a folder the checkpoint refers to."""
 
-    autoencoder: Autoencoder
+    autoencoder: Autoencoder | DiffusersAutoencoder
     config: dict[str, Any]
     fingerprint: str | None
+    scaling_factor: float | None = None
+    shift_factor: float = 0.0
+    external: bool = False
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.latent_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.autoencoder.downsample_factor
 
 
 def load_first_stage(path: str | Path) -> FirstStage:
-    """The first stage of a VAEModel checkpoint, weights-only, frozen, in eval mode (no VAEModel is built)."""
+    """The first stage at `path`, weights-only, frozen, in eval mode: a VAEModel checkpoint or export (no VAEModel is
+    built), or a diffusers AutoencoderKL folder / Stable Diffusion pipeline folder (needs the hf extra)."""
+    if is_pretrained_folder(path, "vae"):
+        from gen_lightning.interop.diffusers_vae import autoencoder_kl_summary, load_autoencoder_kl
+
+        module = load_autoencoder_kl(path)
+        return FirstStage(
+            module, autoencoder_kl_summary(module), vae_fingerprint(module.model.state_dict()),
+            scaling_factor=module.scaling_factor, shift_factor=module.shift_factor, external=True,
+        )  # fmt: skip
 
     def build(hparams: dict[str, Any]) -> Autoencoder:
         return Autoencoder(hparams["autoencoder"])

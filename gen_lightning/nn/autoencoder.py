@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gen_lightning.nn.config import NetConfig
-from gen_lightning.nn.layers import Downsample, ResBlock, SpatialAttention, Upsample, group_norm
+from gen_lightning.nn.layers import DOWNSAMPLE_PADDINGS, Downsample, ResBlock, SpatialAttention, Upsample, group_norm
 
 
 @dataclass
@@ -22,6 +22,10 @@ class AutoencoderConfig(NetConfig):
 
     num_res_blocks: ResBlocks per encoder level (the decoder has one more per level, as in LDM).
     mid_attention: single-scale self-attention between the two middle ResBlocks of encoder and decoder.
+    downsample: the encoder's padding before each stride-2 convolution (nn.layers.Downsample). "ldm" (right and
+        bottom only) makes the autoencoder the same function as diffusers' AutoencoderKL with the same weights, so
+        `gen-lightning export --format diffusers` can write it; "same" (all sides) is the layout of gen_lightning's
+        VAEs before it, which their checkpoints keep (models.checkpoint_format).
     """
 
     in_channels: int = 3
@@ -31,6 +35,7 @@ class AutoencoderConfig(NetConfig):
     mid_attention: bool = True
     num_heads: int = 1
     dropout: float = 0.0
+    downsample: str = "ldm"
 
 
 class DiagonalGaussian:
@@ -85,7 +90,7 @@ class Encoder(nn.Module):
                 layers.append(ResBlock(ch, width, dropout=config.dropout))
                 ch = width
             if level < len(widths) - 1:
-                layers.append(Downsample(ch))
+                layers.append(Downsample(ch, config.downsample))
         self.down = nn.Sequential(*layers)
         self.mid = _mid_block(ch, config)
         self.out = _out_head(ch, 2 * config.latent_channels)
@@ -125,10 +130,16 @@ class Autoencoder(nn.Module):
         config = AutoencoderConfig.coerce(config)
         if not config.channels:
             raise ValueError("autoencoder.channels must name at least one level")
+        if config.downsample not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"autoencoder.downsample={config.downsample!r}: expected one of {DOWNSAMPLE_PADDINGS}")
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.downsample_factor = 2 ** (len(config.channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         return (self.config.latent_channels, image_size // self.downsample_factor, image_size // self.downsample_factor)

@@ -34,9 +34,11 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> float:
         decay = ema_decay(int(self.num_updates), self.max_decay, self.power, self.inv_gamma)
-        shadow_params = list(self.shadow.parameters())
-        model_params = [p.detach().to(s.dtype) for p, s in zip(model.parameters(), shadow_params, strict=True)]
-        torch._foreach_lerp_(shadow_params, model_params, 1.0 - decay)
+        # Frozen parameters (a pretrained text tower) never move, so their lerp would be a + w·(a - a) = a: skipped,
+        # which saves a lerp over ~10^8 elements per step for Stable Diffusion's CLIP.
+        pairs = [(s, p) for s, p in zip(self.shadow.parameters(), model.parameters(), strict=True) if p.requires_grad]
+        if pairs:
+            torch._foreach_lerp_([s for s, _ in pairs], [p.detach().to(s.dtype) for s, p in pairs], 1.0 - decay)
         for s_buf, m_buf in zip(self.shadow.buffers(), model.buffers(), strict=True):
             s_buf.copy_(m_buf)
         self.num_updates += 1

@@ -127,13 +127,23 @@ class SpatialAttention(nn.Module):
         return tokens.transpose(1, 2).reshape(n, c, h, w)
 
 
+DOWNSAMPLE_PADDINGS = ("same", "ldm")
+
+
 class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    """A stride-2 3×3 convolution. padding "same": one pixel on every side (the UNet's, diffusers' UNet2DModel's);
+    "ldm": right and bottom only, as LDM's and diffusers' AutoencoderKL encoders pad, so that such a VAE maps onto
+    theirs weight for weight. The parameters are the same either way; only what the convolution sees differs."""
+
+    def __init__(self, channels: int, padding: str = "same") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"downsample padding {padding!r}: expected one of {DOWNSAMPLE_PADDINGS}")
+        self.pad_right_bottom = padding == "ldm"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.pad_right_bottom else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.pad_right_bottom else x)
 
 
 class Upsample(nn.Module):

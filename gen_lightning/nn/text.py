@@ -88,10 +88,14 @@ class TextEncoder(nn.Module):
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokenizer(texts)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, with_pooled: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [N, L, width]; with_pooled: (hidden states, pooled state [N, width]), what any text tower of
+        latent diffusion gives (interop.clip_text.CLIPTextTower too). One call through forward, so that a wrapper
+        (an FSDP unit gathering its weights) sees it."""
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
         # Causal: the state at EOT summarises the caption, and padding after EOT cannot leak into real tokens.
-        return self.ln_final(self.transformer(x, causal=True))
+        hidden = self.ln_final(self.transformer(x, causal=True))
+        return (hidden, self.pool(ids, hidden)) if with_pooled else hidden
 
     @staticmethod
     def pool(ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

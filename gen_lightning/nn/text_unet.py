@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from gen_lightning.nn.dit import DiT
-from gen_lightning.nn.text import TextEncoder
 from gen_lightning.nn.unet import UNet
 
 # (hidden states [N, L, D], mask [N, L] True = real token, pooled caption state [N, D] = the EOT token's)
@@ -28,7 +27,9 @@ class TextConditionedUNet(nn.Module):
 
     Args:
         unet: context_dim = the text encoder's width; cond_dim = the same with `pooled_text`, else 0.
-        text: the text encoder; trainable, or a frozen tower (CLIP's) with `train_text=False`.
+        text: the text encoder (nn.text.TextEncoder, or any module with its tokenize / padding_mask /
+            context_length / width and forward(ids, with_pooled=True) -> (hidden, pooled), e.g.
+            interop.clip_text.CLIPTextTower); trainable, or a frozen tower (CLIP's) with `train_text=False`.
         pooled_text: add the caption's pooled state to the backbone's time embedding (the DiT's adaLN input).
         caption_dropout: in training mode, the probability that a caption is replaced by the empty one. The null
             conditioning is the encoding of "" (no learned null embedding).
@@ -37,7 +38,7 @@ class TextConditionedUNet(nn.Module):
     def __init__(
         self,
         unet: UNet | DiT,
-        text: TextEncoder,
+        text: nn.Module,
         *,
         pooled_text: bool,
         caption_dropout: float = 0.0,
@@ -67,10 +68,11 @@ class TextConditionedUNet(nn.Module):
         # Only as many positions as the longest caption: the causal encoder's states of real tokens do not depend on
         # the padding after them, and cross-attention masks it anyway, so this changes no result and halves the text
         # work on short captions (emoji names average ~25 bytes of a 64-byte context).
-        tokens = tokens[:, : int(TextEncoder.padding_mask(tokens).sum(1).max())]
+        # (Hugging Face's CLIP text tower is causal too: interop.clip_text.)
+        tokens = tokens[:, : int(self.text.padding_mask(tokens).sum(1).max())]
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_text):
-            hidden = self.text(tokens)
-        return hidden, TextEncoder.padding_mask(tokens), TextEncoder.pool(tokens, hidden)
+            hidden, pooled = self.text(tokens, with_pooled=True)
+        return hidden, self.text.padding_mask(tokens), pooled
 
     def forward(
         self,
