@@ -240,9 +240,11 @@ def evaluate_main(args: Sequence[str]) -> None:
         options.update(kid=not ns.no_kid, clip=ns.clip, guidance=ns.guidance)
     evaluator = evaluator_for(model, **options)
     image_size = int(model.hparams.image_size)
+    floor_shards = {"auto": train_split_of(ns.data), "none": None}.get(ns.floor_data, ns.floor_data)
+    if model.kind == "next-frame":  # its FID compares predicted with real next frames: no floor
+        floor_shards = None
     data = ShardDataModule(
-        train={"auto": train_split_of(ns.data), "none": None}.get(ns.floor_data, ns.floor_data),
-        val=ns.data, image_size=image_size, batch_size=ns.batch_size, num_workers=ns.num_workers,
+        train=floor_shards, val=ns.data, image_size=image_size, batch_size=ns.batch_size, num_workers=ns.num_workers,
         require_captions=model.kind == "text-to-image",  # no Trainer to ask: an uncaptioned sample is no prompt
     )  # fmt: skip
     data.setup("validate")

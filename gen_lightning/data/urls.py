@@ -63,5 +63,12 @@ def split_urls(source: str, split: str) -> str:
 
 
 def train_split_of(source: str) -> str | None:
-    """A shard folder's (or manifest's) train split; None for a URL pattern, which names one split only."""
-    return source if split_urls(source, "train") != source else None
+    """`source` if it is a shard folder (or manifest) with a non-empty train split, else None: a URL pattern names one
+    split only, and a held-out folder (val_fraction 1) has no training images."""
+    path = Path(source)
+    if not (path.is_dir() or path.name == "manifest.json"):
+        return None
+    from gen_lightning.data.shard_writer import read_manifest
+
+    train = read_manifest(path).get("splits", {}).get("train")
+    return source if train and train["shards"] else None
