@@ -341,30 +341,23 @@ class ShardDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []
-        rank, world = self._distributed()
-        stream = ValStream(
-            self.val_urls,
-            ImageTransform(self.image_size),
-            self.val_batch_size,
-            rank,
-            world,
-            require_caption=self.captions_required(),
-            source=f"data.val={self.val!r}",
-        )
-        return self._loader(stream)
+        return self._read_once(self.val_urls, self.captions_required(), f"data.val={self.val!r}")
 
     def train_in_order(self) -> DataLoader:
         """The training split read as the val split is (each sample once over all ranks, in shard order, centre-
         cropped, never flipped), for the FID floor: real training images in place of generated ones."""
+        return self._read_once(self.train_urls, False, f"data.train={self.train!r}")
+
+    def _read_once(self, urls: list[str], require_caption: bool, source: str) -> DataLoader:
         rank, world = self._distributed()
         stream = ValStream(
-            self.train_urls,
+            urls,
             ImageTransform(self.image_size),
             self.val_batch_size,
             rank,
             world,
-            require_caption=False,
-            source=f"data.train={self.train!r}",
+            require_caption=require_caption,
+            source=source,
         )
         return self._loader(stream)
 
