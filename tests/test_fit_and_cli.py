@@ -155,8 +155,9 @@ def test_evaluate_cli_writes_report_and_reuses_reference(tiny_run, toy_shards, t
 
 @pytest.mark.slow
 def test_evaluate_reports_the_fid_floor_of_as_many_training_images(tiny_run, toy_shards, tmp_path):
-    """fid_floor is the FID of the first --num-samples training images (in shard order, centre-cropped) against the
-    same reference, here recomputed from the tar files with the metric alone; --floor-data none leaves it out."""
+    """fid_floor is the FID of --num-samples training images spread over the split (every k-th in shard order,
+    centre-cropped) against the same reference, here recomputed from the tar files with the metric alone; --floor-data
+    none leaves it out."""
     import json
     import random
     import tarfile
@@ -174,20 +175,21 @@ def test_evaluate_reports_the_fid_floor_of_as_many_training_images(tiny_run, toy
     main(["evaluate", *common])
     report = json.loads(report_path.read_text())
 
-    def first_images(split: str, count: int) -> torch.Tensor:
+    def every_kth_image(split: str, count: int, k: int = 1) -> torch.Tensor:
         images = []
         for shard in sorted(toy_shards.glob(f"{split}-*.tar")):
             with tarfile.open(shard) as tar:
                 for member in (m for m in tar.getmembers() if m.name.endswith(".png")):  # in tar order, as read
                     with Image.open(tar.extractfile(member)) as image:
                         images.append(ImageTransform(size)(image, random.Random(0)))
-            if len(images) >= count:
-                return torch.stack(images[:count])
+            if len(images[::k]) >= count:
+                return torch.stack(images[::k][:count])
         raise AssertionError(f"fewer than {count} {split} images")
 
     metrics = GenerativeMetrics(FIDInceptionV3(), kid=True)
-    metrics.update(first_images("val", 8), real=True)
-    metrics.update(first_images("train", 6), real=False)
+    train_count = json.loads((toy_shards / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    metrics.update(every_kth_image("val", 8), real=True)
+    metrics.update(every_kth_image("train", 6, k=train_count // 6), real=False)  # 360 // 6: images 0, 60, ..., 300
     expected = metrics.compute()
     assert report["fid_floor"] == pytest.approx(expected["fid"], rel=1e-4)
     assert report["kid_floor"] == pytest.approx(expected["kid"], rel=1e-4, abs=1e-6)

@@ -319,14 +319,11 @@ class ShardDataModule(L.LightningDataModule):
         """The val split's sample count over all ranks from its manifest when data.val is a shard folder (or its
         manifest.json); None for a URL pattern, which carries no count. For progress lines' ETA only: reading the
         shards reports a real problem."""
-        if not self.val or split_urls(self.val, "val") == self.val:
-            return None
-        from gen_lightning.data.shard_writer import read_manifest
+        return _split_count(self.val, "val")
 
-        try:
-            return int(read_manifest(Path(self.val))["splits"]["val"]["num_samples"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    def train_sample_count(self) -> int | None:
+        """The same for data.train (the FID floor spreads its images over the whole split with it)."""
+        return _split_count(self.train, "train")
 
     def val_source(self) -> dict[str, Any] | None:
         """What the val shards were made from: the manifest's `source` entry (the recorder's app name and version,
@@ -371,6 +368,18 @@ class ShardDataModule(L.LightningDataModule):
             prefetch_factor=4 if self.num_workers > 0 else None,
             worker_init_fn=functools.partial(die_with_parent, _expected_parent()) if self.num_workers > 0 else None,
         )
+
+
+def _split_count(source: str | None, split: str) -> int | None:
+    """A split's sample count from the manifest of a shard folder; None for a URL pattern or an unreadable manifest."""
+    if not source or split_urls(source, split) == source:
+        return None
+    from gen_lightning.data.shard_writer import read_manifest
+
+    try:
+        return int(read_manifest(Path(source))["splits"][split]["num_samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -36,7 +36,7 @@ class Reference:
     `num_samples`: the split's size over all ranks when known (for the progress line's ETA). `source`: what the
     shards were made from (their manifest's `source`: e.g. the UI recorder's app and frame size), None if unknown.
     `floor_urls` and `floor_batches`: training images read the same way, whose FID against the reference is the
-    metric's floor (None: no training split known, no floor)."""
+    metric's floor (None: no training split known, no floor); `floor_samples`: their count, when known."""
 
     urls: list[str]
     image_size: int
@@ -45,13 +45,17 @@ class Reference:
     source: dict[str, Any] | None = None
     floor_urls: list[str] | None = None
     floor_batches: Callable[[], Iterable[dict[str, Any]]] | None = None
+    floor_samples: int | None = None
 
     @classmethod
     def from_datamodule(cls, data: ShardDataModule | None, user: str) -> Reference:
         """The val split of a set-up ShardDataModule (evaluation reads it; it does not build data pipelines)."""
         if data is None or not getattr(data, "val_urls", None):
             raise ValueError(f"{user} needs validation shards (data.val): they are its reference images")
-        floor = {"floor_urls": list(data.train_urls), "floor_batches": data.train_in_order} if data.train_urls else {}
+        floor = {}
+        if data.train_urls:
+            floor = {"floor_urls": list(data.train_urls), "floor_batches": data.train_in_order,
+                     "floor_samples": data.train_sample_count()}  # fmt: skip
         return cls(
             list(data.val_urls),
             int(data.image_size),
@@ -152,24 +156,29 @@ class FIDAgainstReference:
         self.metrics.update(images, real=False)
 
     def floor(self, reference: Reference, count: int, rank: int = 0, world: int = 1) -> dict[str, float]:
-        """The metric's floor: FID (and KID) of `count` real training images (this rank its share, in shard order)
-        against the same reference, as `fid_floor` (`kid_floor`); {} without training shards. A model's FID is only
-        meaningful beside it: FID against a small reference is biased upwards, and the floor shows by how much.
-        Cached on disk like the reference statistics, keyed by both shard sets and the count."""
+        """The metric's floor: FID (and KID) of `count` real training images against the same reference, as
+        `fid_floor` (`kid_floor`); {} without training shards. A model's FID is only meaningful beside it: FID against
+        a small reference is biased upwards, and the floor shows by how much. The images are every k-th of the split
+        in shard order (k = split size // count when the manifest gives the size), so they span it as the samples of
+        a model trained on all of it do: the first `count` alone can be one corner of a sorted source (emoji-test.txt
+        order). Cached on disk like the reference statistics, keyed by both shard sets and the count."""
         if reference.floor_batches is None or reference.floor_urls is None:
             return {}
         self.load_reference(reference, rank, world)
+        stride = max(1, (reference.floor_samples or 0) // count)
         key = {**reference_key(reference, self.metrics.extractor, self.max_real), "kid": self.metrics.kid is not None,
-               "floor_shards": shard_set_key(reference.floor_urls), "floor_count": count}  # fmt: skip
+               "floor_shards": shard_set_key(reference.floor_urls), "floor_count": count, "stride": stride}  # fmt: skip
         path = cache_path(key, self.cache_dir).with_suffix(".floor.json")
         cached = _read_json(path)
         if cached.get("key") == key:
             return cached["floor"]
-        share, seen = rank_count(count, world, rank), 0
+        share, seen, position = rank_count(count, world, rank), 0, 0
         with progress(total=share, desc="FID floor (real training images)", unit="images", rank=rank) as bar:
             for batch in reference.floor_batches():
-                images = batch["image"][: share - seen]
-                self.update(images.to(self.metrics.fid.real_features_sum.device))
+                images = batch["image"][(-position) % stride :: stride][: share - seen]
+                position += len(batch["image"])
+                if len(images):
+                    self.update(images.to(self.metrics.fid.real_features_sum.device))
                 seen += len(images)
                 bar.update(len(images))
                 if seen >= share:
