@@ -374,10 +374,8 @@ def _split_count(source: str | None, split: str) -> int | None:
     """A split's sample count from the manifest of a shard folder; None for a URL pattern or an unreadable manifest."""
     if not source or split_urls(source, split) == source:
         return None
-    from gen_lightning.data.shard_writer import read_manifest
-
     try:
-        return int(read_manifest(Path(source))["splits"][split]["num_samples"])
+        return ShardDataModule._manifest_count(source, split)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
