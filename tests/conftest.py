@@ -98,6 +98,25 @@ def tiny_vae_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(vae, tmp_path_factory.mktemp("vae") / "vae.ckpt")
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher_checkpoint(tmp_path_factory) -> Path:
+    """An untrained 16 px DiffusionModel (v prediction, cosine schedule, as the demo's) as a distillation teacher,
+    its EMA weights made different from the raw ones so a test can tell which the student starts from."""
+    import torch
+
+    from gen_lightning.models.diffusion import DiffusionModel
+
+    torch.manual_seed(0)
+    teacher = DiffusionModel(
+        unet={"channels": [8, 16], "attention_levels": [], "num_heads": 2}, image_size=16, schedule="cosine",
+        prediction_type="v",
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in teacher.ema.shadow.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return save_checkpoint(teacher, tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
+
+
 def toy_data_args(shards: Path, root: Path, config: str) -> list[str]:
     """`config` pointed at toy shards and `root`, 16 px batches of 4 in the main process."""
     return [

@@ -248,7 +248,7 @@ def test_heun_evaluates_twice_per_step_but_the_last() -> None:
 
 def test_bad_use_raises() -> None:
     schedule = NoiseSchedule.from_name("linear", 100)
-    assert ALL_SAMPLER_NAMES == ("ddim", "ddpm", "dpm++", "euler", "heun", "flow_euler", "flow_heun")
+    assert ALL_SAMPLER_NAMES == ("ddim", "ddpm", "dpm++", "euler", "heun", "consistency", "flow_euler", "flow_heun")
     with pytest.raises(ValueError, match="unknown sampler"):
         build_sampler("lms", schedule)
     with pytest.raises(ValueError, match="rectified flow"):

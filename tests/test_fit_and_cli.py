@@ -23,7 +23,9 @@ CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_fast_dev_run_of_every_config(config, toy_shards, toy_world, tmp_path, tiny_vae_checkpoint):
+def test_fast_dev_run_of_every_config(
+    config, toy_shards, toy_world, tmp_path, tiny_vae_checkpoint, tiny_teacher_checkpoint
+):
     """Every experiment config runs one train + val batch on real shards (data pointed at the toy set), and leaves its
     (empty) run folder empty: no checkpoint, W&B run, run file, config or sample grid."""
     # A config whose model needs a trained first stage gets the tiny one (the real one comes from another config);
@@ -34,6 +36,8 @@ def test_fast_dev_run_of_every_config(config, toy_shards, toy_world, tmp_path, t
         if config.startswith("configs/ldm")
         else {}
     )
+    if config.startswith("configs/distill"):  # a student of the tiny 16 px teacher
+        needs[config] = [f"--model.init_args.teacher_checkpoint={tiny_teacher_checkpoint}", "--data.image_size=16"]
     if config.startswith("configs/world_model"):
         train, val = toy_world
         needs[config] = [f"--data.image_size={WORLD_SIZE}", f"--model.init_args.context_frames={WORLD_CONTEXT}"]

@@ -1,10 +1,11 @@
 """Every sampler by name: the samplers of a discrete VP schedule (DDIM, DDPM, DPM-Solver++(2M), Euler and Heun on
-Karras sigmas) and those of rectified flow (Euler, Heun). Each is a diffusers-style scheduler object that the one
-sampling loop, `samplers.sample_steps` / `sample_loop`, drives.
+Karras sigmas, the multistep sampler of consistency students) and those of rectified flow (Euler, Heun). Each is a
+diffusers-style scheduler object that the one sampling loop, `samplers.sample_steps` / `sample_loop`, drives.
 """
 
 from typing import Any
 
+from gen_lightning.diffusion.distillation import ConsistencySampler
 from gen_lightning.diffusion.dpm_solver import DPMSolverSampler
 from gen_lightning.diffusion.flow import FlowEulerSampler, FlowHeunSampler
 from gen_lightning.diffusion.ode_samplers import EulerSampler, HeunSampler
@@ -13,7 +14,11 @@ from gen_lightning.diffusion.schedule import NoiseSchedule
 from gen_lightning.sampler_names import ALL_SAMPLER_NAMES, FLOW_SAMPLER_NAMES, VP_SAMPLER_NAMES
 
 _VP_SAMPLERS: dict[str, Any] = dict(
-    zip(VP_SAMPLER_NAMES, (DDIMSampler, DDPMSampler, DPMSolverSampler, EulerSampler, HeunSampler), strict=True)
+    zip(
+        VP_SAMPLER_NAMES,
+        (DDIMSampler, DDPMSampler, DPMSolverSampler, EulerSampler, HeunSampler, ConsistencySampler),
+        strict=True,
+    )
 )
 _FLOW_SAMPLERS: dict[str, Any] = dict(zip(FLOW_SAMPLER_NAMES, (FlowEulerSampler, FlowHeunSampler), strict=True))
 

@@ -51,6 +51,23 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
+def clipped_x0_and_eps(
+    prediction_type: str,
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha_bar: torch.Tensor | float,
+    clip_sample: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prediction read as (x0, eps), x0 clipped to ±clip_sample (None: not clipped). alpha_bar: a float or per-sample
+    [N] tensor (the distillation losses step every sample from its own timestep)."""
+    x0, eps = to_x0_and_eps(prediction_type, model_output, x_t, alpha_bar)
+    if clip_sample is not None:
+        x0 = x0.clamp(-clip_sample, clip_sample)
+        # Keep eps consistent with the clipped x0 and x_t, so the DDIM update stays on the same posterior as DDPM.
+        eps = eps_from_x0(x_t, x0, alpha_bar)
+    return x0, eps
+
+
 class _DiscreteSampler:
     """Timestep bookkeeping and prediction handling shared by DDPM and DDIM."""
 
@@ -102,12 +119,7 @@ class _DiscreteSampler:
     def _x0_and_eps(
         self, model_output: torch.Tensor, x_t: torch.Tensor, ab_t: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x0, eps = to_x0_and_eps(self.prediction_type, model_output, x_t, ab_t)
-        if self.clip_sample is not None:
-            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
-            # Keep eps consistent with the clipped x0 and x_t, so the DDIM update stays on the same posterior as DDPM.
-            eps = eps_from_x0(x_t, x0, ab_t)
-        return x0, eps
+        return clipped_x0_and_eps(self.prediction_type, model_output, x_t, ab_t, self.clip_sample)
 
 
 class DDIMSampler(_DiscreteSampler):

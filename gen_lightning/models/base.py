@@ -34,7 +34,11 @@ class GenerativeModule(L.LightningModule):
     format_1_renames: ClassVar[tuple[Rule, ...]] = ()
     _last_ema_step = -1
 
-    def adamw_with_warmup(self, params: Iterable[torch.nn.Parameter]) -> dict[str, Any]:
+    def adamw_with_warmup(
+        self, params: Iterable[torch.nn.Parameter], restart_every: int | None = None
+    ) -> dict[str, Any]:
+        """AdamW with `warmup_steps` of linear warm-up, then the lr_schedule. `restart_every`: the warm-up starts
+        again every that many steps (distillation rounds, each a fresh optimization)."""
         hp = self.hparams
         optimizer = torch.optim.AdamW(
             params,
@@ -51,6 +55,8 @@ class GenerativeModule(L.LightningModule):
             raise ValueError(f"model.lr_schedule={hp.lr_schedule!r}: expected 'constant' or 'cosine'")
 
         def factor(step: int) -> float:
+            if restart_every and step % restart_every < warmup:
+                return (step % restart_every + 1) / warmup
             if step < warmup:
                 return (step + 1) / warmup
             if total is None or not math.isfinite(total):

@@ -100,9 +100,14 @@ class DiffusionModel(GenerativeModule):
         compile: bool = False,
         fused_adamw: bool = True,
     ) -> None:
+        arguments = {key: value for key, value in locals().items() if key not in ("self", "__class__")}
         super().__init__()
         unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())
         self.save_hyperparameters()
+        # Under LightningCLI the saved arguments are the config's init_args, a subclass's own (a distilled student's
+        # are not its network's shape): every option of this class is read from hparams below, so add the missing.
+        for key, value in arguments.items():
+            self.hparams.setdefault(key, value)
         check_objective(objective, self.hparams)
         self.hparams["sampler"] = sampler or DEFAULT_SAMPLER[objective]  # checkpoints name the sampler they used
         self.hparams["unet"] = unet_config.as_dict()  # plain types only: checkpoints load weights-only
