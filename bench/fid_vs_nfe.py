@@ -3,11 +3,13 @@ bench/RESULTS.md ("Few steps").
 
 Each row: `sampler:steps` drawn from the same seeds (1,000 samples by default), FID/KID against the val split beside the
 metric's floor (as many real training images), the NFE the sampler spent, the sampling wall time per 1,000 samples
-(network + sampler only, not the Inception) and a grid of the first 64 samples. Rows are appended to a JSON-lines file
-as they finish, so a long sweep that is cut off keeps what it measured; `--table` prints that file as markdown.
+(network + sampler only; `--timing-samples` measures it apart, on a quiet machine) and a grid of the first 64 samples.
+Rows are appended to a JSON-lines file as they finish, so a long sweep that is cut off keeps what it measured;
+`--table` prints that file as markdown.
 
     .venv/bin/python -m bench.fid_vs_nfe --ckpt runs/ddpm_emoji/checkpoints/last.ckpt --data data/emoji \
         --rows ddim:1,2,4,8,16,50 dpm++:1,2,4,8,10,16 heun:2,3,5,9 --out bench/fid_vs_nfe
+    .venv/bin/python -m bench.fid_vs_nfe --ckpt ... --rows ... --timing-samples 256   # wall time, nothing else running
     .venv/bin/python -m bench.fid_vs_nfe --table bench/fid_vs_nfe/rows.jsonl
 """
 
@@ -58,11 +60,25 @@ class TimedSampling:
 
 
 def evaluations_per_run(model: Any, sampler: str, steps: int) -> int:
-    """The network evaluations one sampling run spends (Heun: 2 per step but the last)."""
+    """The network evaluations one sampling run spends: one per entry of the sampler's timesteps, as the sampling
+    loop calls the network (Heun lists each step's second evaluation too)."""
     made = model.make_sampler(sampler)
     made.set_timesteps(steps)
-    count = getattr(made, "num_evaluations", None)
-    return int(count()) if callable(count) else len(made.timesteps)
+    return len(made.timesteps)
+
+
+def time_sampling(model: Any, sampler: str, steps: int, ns: argparse.Namespace) -> dict[str, Any]:
+    """Sampling wall time per 1,000 images from `--timing-samples` images after one warm-up batch, no Inception:
+    run on a quiet machine, apart from the FID sweep (whose timings include the Inception's competition)."""
+    generator = torch.Generator().manual_seed(ns.seed)
+    model.sample(min(ns.batch_size, 16), steps=steps, sampler=sampler, generator=generator)  # warm-up
+    start = time.perf_counter()
+    for first in range(0, ns.timing_samples, ns.batch_size):
+        model.sample(min(ns.batch_size, ns.timing_samples - first), steps=steps, sampler=sampler, generator=generator)
+    seconds = time.perf_counter() - start
+    return {"label": ns.label, "sampler": sampler, "steps": steps, "nfe": evaluations_per_run(model, sampler, steps),
+            "sampling_s_per_1000": seconds * 1000 / ns.timing_samples, "timing_samples": ns.timing_samples,
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def measure(model: Any, reference: Reference, sampler: str, steps: int, ns: argparse.Namespace) -> dict[str, Any]:
@@ -86,16 +102,23 @@ def measure(model: Any, reference: Reference, sampler: str, steps: int, ns: argp
     }  # fmt: skip
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def markdown(rows_file: Path) -> str:
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    """The FID rows as a table; the wall time from timing.jsonl beside them when measured (quiet machine)."""
+    timings = {(r["label"], r["sampler"], r["steps"]): r for r in read_rows(rows_file.parent / "timing.jsonl")}
     lines = [
         "| model | sampler | steps | NFE | FID | FID floor | KID ×10³ | sampling s / 1,000 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in read_rows(rows_file):
+        timing = timings.get((r["label"], r["sampler"], r["steps"]))
+        seconds = f"{timing['sampling_s_per_1000']:.0f}" if timing else "–"
         lines.append(
             f"| {r['label']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.1f} | {r['fid_floor']:.1f} | "
-            f"{1000 * r['kid']:.1f} | {r['sampling_s_per_1000']:.0f} |"
+            f"{1000 * r['kid']:.1f} | {seconds} |"
         )
     return "\n".join(lines)
 
@@ -112,6 +135,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default="bench/fid_vs_nfe", help="folder for rows.jsonl and the grids")
     parser.add_argument("--table", type=Path, help="print this rows.jsonl as markdown and exit")
+    parser.add_argument("--timing-samples", type=int, default=0, help="instead of FID: time sampling this many "
+                        "images per row (to timing.jsonl; run with nothing else on the machine)")  # fmt: skip
     ns = parser.parse_args()
     if ns.table:
         print(markdown(ns.table))
@@ -119,11 +144,20 @@ def main() -> None:
     if not (ns.ckpt and ns.data and ns.rows):
         parser.error("--ckpt, --data and --rows are needed (or --table)")
     model = load_model(ns.ckpt).eval()
+    Path(ns.out).mkdir(parents=True, exist_ok=True)
+    if ns.timing_samples:
+        for sampler, steps in parse_rows(ns.rows):
+            row = time_sampling(model, sampler, steps, ns)
+            with open(Path(ns.out) / "timing.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(
+                f"{ns.label} {sampler}:{steps} NFE {row['nfe']}: {row['sampling_s_per_1000']:.1f} s / 1,000", flush=True
+            )
+        return
     image_size = int(model.hparams.image_size)
     data = ShardDataModule(train=train_split_of(ns.data), val=ns.data, image_size=image_size, batch_size=100)
     data.setup("validate")
     reference = Reference.from_datamodule(data, "fid_vs_nfe")
-    Path(ns.out).mkdir(parents=True, exist_ok=True)
     for sampler, steps in parse_rows(ns.rows):
         row = measure(model, reference, sampler, steps, ns)
         with open(Path(ns.out) / "rows.jsonl", "a") as f:

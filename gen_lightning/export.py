@@ -171,6 +171,8 @@ def diffusers_problem(model: GenerativeModule) -> str | None:
     name = type(model).__name__
     if name in NO_DIFFUSERS_EQUIVALENT:
         return f"{name} has no diffusers equivalent: {NO_DIFFUSERS_EQUIVALENT[name]}"
+    if is_progressive_student(model):  # a DDIM student: the same UNet, sampled by DDIM with its own number of steps
+        return unet_export_problem(model.net)
     if type(model) is DiffusionModel:
         if not isinstance(model.net, UNet):
             return (
@@ -180,6 +182,14 @@ def diffusers_problem(model: GenerativeModule) -> str | None:
     if type(model) is VAEModel:
         return autoencoder_export_problem(model.net)
     return f"{name} has no diffusers equivalent in gen_lightning's export"
+
+
+def is_progressive_student(model: GenerativeModule) -> bool:
+    from gen_lightning.models.distillation import DistilledDiffusionModel
+    from gen_lightning.nn.unet import UNet
+
+    progressive = isinstance(model, DistilledDiffusionModel) and model.hparams.method == "progressive"
+    return progressive and isinstance(model.net, UNet)
 
 
 def write_diffusers(model: GenerativeModule, weights: str, out: Path, scaling_factor: float | None) -> list[str]:
@@ -211,6 +221,8 @@ def write_diffusers(model: GenerativeModule, weights: str, out: Path, scaling_fa
         "DDIMPipeline.from_pretrained(DIR)(..., use_clipped_model_output=True) reproduces gen-lightning sample "
         "--sampler ddim (without it diffusers clips x0 but does not recompute the noise from it: differences ~5e-3)"
     ]
+    if is_progressive_student(model):
+        notes.append(f"a distilled student: sample with num_inference_steps={hp.sample_steps}, the steps it learned")
     if hp.num_timesteps % hp.sample_steps:
         notes.append(
             f"sample_steps={hp.sample_steps} does not divide num_timesteps={hp.num_timesteps}: diffusers' "

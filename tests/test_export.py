@@ -72,6 +72,33 @@ def test_ddim_pipeline_on_exported_folder_matches_sample(settings, tmp_path, cap
     assert oct((out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777) == "0o644"
 
 
+def test_a_progressive_student_exports_as_a_ddim_pipeline_of_its_own_steps(tmp_path, capsys):
+    from gen_lightning.models.distillation import DistilledDiffusionModel
+
+    teacher = DiffusionModel(unet={"channels": [32, 32], "attention_levels": [1], "num_heads": 2}, image_size=8,
+                             schedule="cosine", prediction_type="v")  # fmt: skip
+    teacher = save_checkpoint(randomised_ema(teacher), tmp_path / "teacher.ckpt")
+    student = DistilledDiffusionModel(str(teacher), teacher_steps=8, rounds=2)  # its weights: the teacher's EMA
+    out = tmp_path / "export"
+    main(
+        [
+            "export",
+            f"--ckpt={save_checkpoint(student, tmp_path / 'student.ckpt')}",
+            f"--out={out}",
+            "--format=diffusers",
+        ]
+    )
+    assert "num_inference_steps=2" in capsys.readouterr().out
+    pipeline = diffusers.DDIMPipeline.from_pretrained(str(out))
+    pipeline.set_progress_bar_config(disable=True)
+    theirs = pipeline(batch_size=3, generator=torch.Generator().manual_seed(3), num_inference_steps=2,
+                      use_clipped_model_output=True, output_type="pt").images  # fmt: skip
+    theirs = torch.as_tensor(theirs)
+    theirs = theirs.permute(0, 3, 1, 2) if theirs.shape[-1] == 3 else theirs
+    ours = (student.sample(3, generator=torch.Generator().manual_seed(3)) + 1) / 2  # its default: 2 steps
+    assert ours.std() > 0.05 and (theirs - ours).abs().max() <= 1e-4
+
+
 def test_vae_export_loads_as_autoencoder_kl(tmp_path):
     torch.manual_seed(0)
     vae = VAEModel(autoencoder={"channels": [32, 32], "latent_channels": 4}, image_size=16)
