@@ -256,11 +256,11 @@ def test_bad_use_raises() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="unknown sampler"):
         build_sampler("lms", schedule)
-    with pytest.raises(ValueError, match="rectified flow.*use build_flow_sampler"):
+    with pytest.raises(ValueError, match=r"rectified flow.*use build_flow_sampler"):
         build_sampler("flow_euler", schedule)
-    with pytest.raises(ValueError, match="VP schedule.*use build_sampler"):
+    with pytest.raises(ValueError, match=r"VP schedule.*use build_sampler"):
         build_flow_sampler("ddim")
-    with pytest.raises(ValueError, match="EDM's preconditioned denoiser.*use build_edm_sampler"):
+    with pytest.raises(ValueError, match=r"EDM's preconditioned denoiser.*use build_edm_sampler"):
         build_sampler("edm_heun", schedule)
     with pytest.raises(ValueError, match="unknown sampler 'lms'"):
         build_edm_sampler("lms")

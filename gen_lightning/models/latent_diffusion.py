@@ -2,12 +2,13 @@
 on text through the UNet's cross-attention and steered by classifier-free guidance (Ho & Salimans 2022).
 
 One trainable network, `self.net` = nn.text_unet.TextConditionedUNet (the UNet, its text encoder and the caption
-dropout; with objective edm, EDMPrecond around it, the text keywords passed through), and its EMA copy; the first stage is a plain frozen network, the trained VAE's autoencoder with its EMA
-weights, copied into this model's checkpoints, so sampling needs only the latent-diffusion checkpoint. Latents are
-multiplied by `latent_scale` so they have unit variance, as the noise schedule assumes (Stable Diffusion's 0.18215 is
-the same idea, measured once on a batch of its data): unless given, it is estimated on the first batch the model sees
-(the sanity-check validation batch when Lightning runs one, else the first training batch; std over all ranks'
-latents) and stored as a buffer, so a resumed run keeps it.
+dropout; with objective edm, EDMPrecond around it, the text keywords passed through), and its EMA copy; the first
+stage is a plain frozen network, the trained VAE's autoencoder with its EMA weights, copied into this model's
+checkpoints, so sampling needs only the latent-diffusion checkpoint. Latents are multiplied by `latent_scale` so they
+have unit variance, as the noise schedule assumes (Stable Diffusion's 0.18215 is the same idea, measured once on a
+batch of its data): unless given, it is estimated on the first batch the model sees (the sanity-check validation batch
+when Lightning runs one, else the first training batch; std over all ranks' latents) and stored as a buffer, so a
+resumed run keeps it.
 """
 
 from __future__ import annotations
