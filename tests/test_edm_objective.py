@@ -252,3 +252,24 @@ def test_a_vp_recipe_switched_to_edm_names_the_vp_option_left_set(toy_shards, tm
     # LightningCLI reports the model's UserInputError inside its own ValueError (the config did not validate).
     with pytest.raises(ValueError, match=r"model.schedule='cosine' is an option of model.objective='vp'"):
         main(["fit", *tiny_fit_args(toy_shards, tmp_path), "--model.init_args.objective=edm", "--trainer.max_steps=1"])
+
+
+def test_referenced_text_tower_stays_out_of_an_edm_checkpoint_under_its_inner_prefix(tmp_path, tiny_vae_checkpoint):
+    """The storage rule of Hugging Face parts holds under EDMPrecond: the CLIP tower's weights (net.inner.text.*,
+    ema.shadow.inner.text.*) are referenced, not saved, and refilled from the folder on load."""
+    pytest.importorskip("transformers")
+    from tests.hf_folders import tiny_clip_text
+
+    folder = tiny_clip_text(tmp_path / "text_encoder")
+    model = tiny_ldm(tiny_vae_checkpoint, clip_checkpoint=str(folder), text=None, objective="edm", latent_scale=1.0)
+    assert model.external_state_prefixes() == ("net.inner.text.", "ema.shadow.inner.text.")
+    tower = [key for key in model.state_dict() if ".text." in key]
+    assert tower and all(key.startswith(model.external_state_prefixes()) for key in tower)
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)  # what Lightning calls when it saves
+    torch.save(checkpoint, tmp_path / "ldm.ckpt")
+    saved = checkpoint["state_dict"]
+    assert not [key for key in saved if ".text." in key] and any(k.startswith("net.inner.unet.") for k in saved)
+    rebuilt = load_model(tmp_path / "ldm.ckpt")
+    seeded = lambda: {"steps": 2, "generator": torch.Generator().manual_seed(0)}  # noqa: E731
+    torch.testing.assert_close(rebuilt.sample(2, ["sun"], **seeded()), model.sample(2, ["sun"], **seeded()))
