@@ -26,6 +26,7 @@ from gen_lightning.errors import UserInputError
 from gen_lightning.interop.folders import EXPORT_MARKER
 from gen_lightning.models.base import GenerativeModule
 from gen_lightning.models.loading import load_model
+from gen_lightning.models.objectives import inner_network
 
 FORMATS = ("safetensors", "diffusers")
 WEIGHTS = ("ema", "trained")
@@ -146,7 +147,7 @@ def carry_parts(model: GenerativeModule, out: Path) -> tuple[dict[str, Any], lis
         hparams["vae_checkpoint"] = "vae"
         hparams["vae_config"] = {**hparams["vae_config"], "diffusers_folder": "vae"}
         relative.append("vae_checkpoint")
-    text = getattr(model.net, "text", None)
+    text = getattr(inner_network(model.net), "text", None)  # edm: the text network is inside EDMPrecond
     if isinstance(text, CLIPTextTower):
         _copy(text.files, out / "text_encoder")
         _copy(text.tokenizer_files, out / "tokenizer")
@@ -174,6 +175,11 @@ def diffusers_problem(model: GenerativeModule) -> str | None:
     if is_progressive_student(model):  # a DDIM student: the same UNet, sampled by DDIM with its own number of steps
         return unet_export_problem(model.net)
     if type(model) is DiffusionModel:
+        if model.objective != "vp":  # DDIMPipeline reads an eps / v / x0 prediction on a VP schedule
+            return (
+                f"this model was trained with model.objective={model.objective!r}; a diffusers DDIMPipeline samples "
+                "the vp objective only"
+            )
         if not isinstance(model.net, UNet):
             return (
                 f"only the UNet backbone maps onto diffusers' UNet2DModel; this model's is a {type(model.net).__name__}"

@@ -11,7 +11,10 @@ from torch import nn
 from gen_lightning.diffusion import (
     ALL_SAMPLER_NAMES,
     DDIMSampler,
+    EDMEulerSampler,
+    EDMHeunSampler,
     NoiseSchedule,
+    build_edm_sampler,
     build_flow_sampler,
     build_sampler,
     eps_from_x0,
@@ -248,14 +251,25 @@ def test_heun_evaluates_twice_per_step_but_the_last() -> None:
 
 def test_bad_use_raises() -> None:
     schedule = NoiseSchedule.from_name("linear", 100)
-    assert ALL_SAMPLER_NAMES == ("ddim", "ddpm", "dpm++", "euler", "heun", "consistency", "flow_euler", "flow_heun")
+    assert ALL_SAMPLER_NAMES == (
+        "ddim", "ddpm", "dpm++", "euler", "heun", "consistency", "flow_euler", "flow_heun", "edm_euler", "edm_heun"
+    )  # fmt: skip
     with pytest.raises(ValueError, match="unknown sampler"):
         build_sampler("lms", schedule)
-    with pytest.raises(ValueError, match="rectified flow"):
+    with pytest.raises(ValueError, match=r"rectified flow.*use build_flow_sampler"):
         build_sampler("flow_euler", schedule)
-    with pytest.raises(ValueError, match="VP schedule"):
+    with pytest.raises(ValueError, match=r"VP schedule.*use build_sampler"):
         build_flow_sampler("ddim")
+    with pytest.raises(ValueError, match=r"EDM's preconditioned denoiser.*use build_edm_sampler"):
+        build_sampler("edm_heun", schedule)
+    with pytest.raises(ValueError, match="unknown sampler 'lms'"):
+        build_edm_sampler("lms")
     assert build_flow_sampler("flow_heun", shift=3.0).shift == 3.0
+    heun = build_edm_sampler("edm_heun", sigma_min=0.01, sigma_max=10.0, rho=5.0)
+    assert isinstance(heun, EDMHeunSampler) and (heun.sigma_min, heun.sigma_max, heun.rho) == (0.01, 10.0, 5.0)
+    assert isinstance(build_edm_sampler("edm_euler"), EDMEulerSampler)
+    with pytest.raises(ValueError, match="rho must be > 0"):
+        build_edm_sampler("edm_euler", rho=0.0)
     with pytest.raises(ValueError, match="noise spacing"):
         EulerSampler(schedule, timestep_spacing="uniform")
     with pytest.raises(ValueError, match="zero terminal SNR"):

@@ -80,8 +80,8 @@ def test_the_other_objectives_options_and_samplers_are_refused_by_name():
         DiffusionModel(unet=UNET, objective="flow", prediction_type="v")
     with pytest.raises(UserInputError, match=r"model.time_shift=3.0 is an option of model.objective='flow'"):
         DiffusionModel(unet=UNET, time_shift=3.0)
-    with pytest.raises(UserInputError, match=r"model.objective='edm'"):
-        DiffusionModel(unet=UNET, objective="edm")
+    with pytest.raises(UserInputError, match=r"model.objective='score': expected one of vp, flow, edm"):
+        DiffusionModel(unet=UNET, objective="score")
     with pytest.raises(UserInputError, match=r"sampler 'ddim' integrates model.objective='vp'.*valid: flow_euler"):
         DiffusionModel(unet=UNET, objective="flow", sampler="ddim")
     flow, vp = flow_model(), DiffusionModel(unet=UNET, image_size=16)

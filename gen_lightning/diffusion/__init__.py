@@ -13,7 +13,7 @@ from gen_lightning.diffusion.edm import (
     edm_coefficients,
     edm_loss_weight,
 )
-from gen_lightning.diffusion.fast_samplers import build_flow_sampler, build_sampler
+from gen_lightning.diffusion.fast_samplers import build_edm_sampler, build_flow_sampler, build_sampler
 from gen_lightning.diffusion.flow import (
     TIME_SAMPLINGS,
     FlowEulerSampler,
@@ -56,6 +56,7 @@ from gen_lightning.diffusion.samplers import (
 from gen_lightning.diffusion.schedule import SCHEDULE_NAMES, NoiseSchedule, rescale_zero_terminal_snr
 from gen_lightning.sampler_names import (
     ALL_SAMPLER_NAMES,
+    EDM_SAMPLER_NAMES,
     FLOW_SAMPLER_NAMES,
     SAMPLER_NAMES_BY_OBJECTIVE,
     VP_SAMPLER_NAMES,
@@ -63,6 +64,7 @@ from gen_lightning.sampler_names import (
 
 __all__ = [
     "ALL_SAMPLER_NAMES",
+    "EDM_SAMPLER_NAMES",
     "FLOW_SAMPLER_NAMES",
     "PREDICTION_TYPES",
     "SAMPLER_NAMES_BY_OBJECTIVE",
@@ -89,6 +91,7 @@ __all__ = [
     "ODESampler",
     "PredictionType",
     "Sampler",
+    "build_edm_sampler",
     "build_flow_sampler",
     "build_sampler",
     "classifier_free_guidance",

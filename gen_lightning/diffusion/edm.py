@@ -11,7 +11,7 @@ Training draws ln sigma ~ N(P_mean, P_std^2) and weights || D - x0 ||^2 by lambd
 is exactly the unit-weight MSE of F against its target. Sampling: Heun (Algorithm 1) or Euler on Karras sigmas (eq. 5).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ class EDMPrecond(nn.Module):
         self, inner: nn.Module, sigma_data: float = SIGMA_DATA, noise_label_scale: float = NOISE_LABEL_SCALE
     ) -> None:
         super().__init__()
+        _check_sigma_data(sigma_data)
         self.inner, self.sigma_data, self.noise_label_scale = inner, sigma_data, noise_label_scale
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
@@ -62,9 +63,14 @@ class EDMPrecond(nn.Module):
 
 class EDMLoss:
     """lambda(sigma) || D(x0 + sigma n; sigma) - x0 ||^2 with ln sigma ~ N(P_mean, P_std^2) (NVlabs' EDMLoss),
-    averaged over pixels then the batch. `model` is the preconditioned denoiser (EDMPrecond)."""
+    averaged over pixels then the batch. `model` is the preconditioned denoiser (EDMPrecond). Called as DiffusionLoss
+    and FlowMatchingLoss are (the conditioning as `extra_args`, optional per-pixel weights), so a model swaps the three
+    without changing its training step."""
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = SIGMA_DATA) -> None:
+        if not p_std > 0:
+            raise ValueError(f"p_std must be > 0, got {p_std}")
+        _check_sigma_data(sigma_data)
         self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
 
     def per_sample(
@@ -73,11 +79,16 @@ class EDMLoss:
         x0: torch.Tensor,
         sigma: torch.Tensor,
         noise: torch.Tensor,
-        **cond: Any,
+        pixel_weight: torch.Tensor | None = None,
+        extra_args: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
-        dtype = torch.promote_types(x0.dtype, torch.float32)
+        """The loss of each sample for given sigma [N] and noise; pixel_weight (broadcastable to x0, mean 1 per sample)
+        multiplies the squared error before the mean over pixels."""
+        dtype = torch.promote_types(x0.dtype, torch.float32)  # reduce in >= float32 under bf16 autocast
         noisy = x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * noise
-        squared = (model(noisy, sigma, **cond).to(dtype) - x0.to(dtype)).pow(2)
+        squared = (model(noisy, sigma, **(extra_args or {})).to(dtype) - x0.to(dtype)).pow(2)
+        if pixel_weight is not None:
+            squared = squared * pixel_weight.to(dtype)
         return edm_loss_weight(sigma.to(dtype), self.sigma_data) * squared.reshape(x0.shape[0], -1).mean(dim=1)
 
     def __call__(
@@ -85,12 +96,20 @@ class EDMLoss:
         model: Callable[..., torch.Tensor],
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
-        **cond: Any,
+        pixel_weight: torch.Tensor | None = None,
+        extra_args: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
+        """Scalar loss with ln sigma ~ N(P_mean, P_std^2) and n ~ N(0, I), drawn in that order from `generator`."""
         gen_device = generator.device if generator is not None else x0.device
         log_sigma = self.p_mean + self.p_std * torch.randn(x0.shape[0], generator=generator, device=gen_device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
-        return self.per_sample(model, x0, log_sigma.exp().to(x0.device), noise.to(x0.device), **cond).mean()
+        sigma, noise = log_sigma.exp().to(x0.device), noise.to(x0.device)
+        return self.per_sample(model, x0, sigma, noise, pixel_weight, extra_args).mean()
+
+
+def _check_sigma_data(sigma_data: float) -> None:
+    if not sigma_data > 0:
+        raise ValueError(f"sigma_data (the data's standard deviation) must be > 0, got {sigma_data}")
 
 
 class _EDMSampler(ODESampler):
@@ -101,6 +120,8 @@ class _EDMSampler(ODESampler):
 
     def __init__(self, order: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> None:
         super().__init__(order)
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho}")
         karras_sigmas(1, sigma_min, sigma_max, rho)  # validates the range
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.init_noise_sigma = sigma_max

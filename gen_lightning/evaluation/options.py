@@ -17,7 +17,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """The checkpoint and how to sample from it; settings left out are the model's (its sampling_defaults)."""
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `gen-lightning fit`, or a folder "
                         "written by `gen-lightning export`")  # fmt: skip
-    help_text = "default: the model's; flow_* for models trained with model.objective=flow, the others for vp"
+    help_text = "default: the model's; flow_* for models trained with objective=flow, edm_* for edm, the others for vp"
     parser.add_argument("--sampler", choices=ALL_SAMPLER_NAMES, default=None, help=help_text)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight (model default)")

@@ -1,9 +1,10 @@
-"""DiffusionModel: diffusion (VP schedule, eps/v/x0 target) or rectified-flow training of a UNet or a DiT on images,
-sampled from EMA weights by any sampler of its objective.
+"""DiffusionModel: diffusion (VP schedule, eps/v/x0 target), rectified-flow or EDM training of a UNet or a DiT on
+images, sampled from EMA weights by any sampler of its objective.
 
 The model holds one trainable network, `self.net`, called as `net(x_t, t, **cond)`, and its EMA copy: subclasses
 (latent diffusion, the world model) wrap the UNet in a network that takes their conditioning and supply it through
-`condition()`; the loss, the EMA, the samplers and FSDP all see that one module.
+`condition()`; the loss, the EMA, the samplers and FSDP all see that one module. With objective edm that module is
+EDMPrecond around the conditioned network (`inner_net`), called as net(x, sigma, **cond).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gen_lightning.diffusion import (
     CFGDenoiser,
     NoiseSchedule,
     Sampler,
+    build_edm_sampler,
     build_flow_sampler,
     build_sampler,
     gaussian_noise,
@@ -30,7 +32,9 @@ from gen_lightning.models.objectives import (
     check_objective,
     check_sampler_name,
     check_sampler_object,
+    inner_network,
     objective_loss,
+    objective_network,
 )
 from gen_lightning.nn.dit import DiTConfig
 from gen_lightning.nn.ema import EMA
@@ -47,19 +51,24 @@ class DiffusionModel(GenerativeModule):
         dit: DiT shape (patch_size, width, depth, num_heads, mlp_ratio, gradient_checkpointing, ...) with
             backbone=dit; its channels and widths come from the model.
         image_size: H = W of training images and samples (linked from data.image_size by the CLI).
-        objective: "vp" (a VP noise schedule, the options up to min_snr_gamma) or "flow" (rectified flow, the
-            time_* and logit_* options); see models.objectives. An option of the other objective is refused.
+        objective: "vp" (a VP noise schedule, the options up to min_snr_gamma), "flow" (rectified flow, the
+            time_* and logit_* options) or "edm" (EDM's preconditioning, sigma_data to rho); see models.objectives.
+            An option of another objective is refused.
         schedule / num_timesteps / zero_terminal_snr: the noise schedule (see diffusion.NoiseSchedule).
         prediction_type: "epsilon", "v" or "sample": what the UNet predicts.
         loss_weighting: "uniform" or "min_snr" (Min-SNR-γ, Hang et al. 2023) with min_snr_gamma.
         time_sampling / logit_mean / logit_std: flow's training times, "uniform" or "logit_normal" (SD3).
         time_shift: flow's time shift s (t -> s t / (1 + (s - 1) t), SD3), in training and sampling alike.
+        sigma_data: edm's data standard deviation in c_skip, c_out, c_in and the loss weight (None: the model's
+            default_sigma_data, 0.5 for images in [-1, 1]; the resolved value is saved).
+        p_mean / p_std: edm's training noise levels, ln sigma ~ N(p_mean, p_std^2).
+        sigma_min / sigma_max / rho: the Karras sigmas (EDM eq. 5) that edm_euler and edm_heun step through.
         lr / weight_decay / adam_betas / warmup_steps / lr_schedule: AdamW with linear warm-up, then "constant" or
             "cosine" decay to 10% over the run.
         ema_max_decay / ema_power: EMA with warm-up (see nn.ema); samples come from the EMA weights.
         sampler / sample_steps / eta / clip_sample: defaults of `sample()`. sampler: one of ALL_SAMPLER_NAMES that
-            fits the objective (None: ddim for vp, flow_euler for flow); eta is DDIM's; clip_sample bounds the
-            predicted x0 of the vp samplers.
+            fits the objective (None: ddim for vp, flow_euler for flow, edm_heun for edm); eta is DDIM's;
+            clip_sample bounds the predicted x0 of the vp samplers.
         channels_last: NHWC memory layout for the UNet (faster convolutions on CPU and on tensor cores).
         compile: torch.compile the UNet in place (same parameter names, so checkpoints are unchanged; the first steps
             pay the compilation).
@@ -67,6 +76,7 @@ class DiffusionModel(GenerativeModule):
     """
 
     format_1_renames = (("unet.", "net."),)
+    default_sigma_data = 0.5  # EDM's value for images in [-1, 1]
 
     def __init__(
         self,
@@ -85,6 +95,12 @@ class DiffusionModel(GenerativeModule):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         time_shift: float = 1.0,
+        sigma_data: float | None = None,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -109,20 +125,29 @@ class DiffusionModel(GenerativeModule):
         for key, value in arguments.items():
             self.hparams.setdefault(key, value)
         check_objective(objective, self.hparams)
+        if objective == "edm" and sigma_data is None:  # checkpoints record the value trained with
+            self.hparams["sigma_data"] = self.default_sigma_data
         self.hparams["sampler"] = sampler or DEFAULT_SAMPLER[objective]  # checkpoints name the sampler they used
         self.hparams["unet"] = unet_config.as_dict()  # plain types only: checkpoints load weights-only
-        self.net, dit_config = build_backbone(backbone, unet_config, dit, image_size)
+        backbone_net, dit_config = build_backbone(backbone, unet_config, dit, image_size)
         self.hparams["dit"] = dit_config.as_dict() if dit_config is not None else None
-        self.ema = EMA(self.net, max_decay=ema_max_decay, power=ema_power)
+        self.wrap_network(backbone_net)
         self.schedule = NoiseSchedule.from_name(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
         self.loss_fn = objective_loss(objective, self.hparams, self.schedule)
         self.make_sampler()  # fail at construction, not after an hour of training, on a bad sampler setting
         self.sample_shape = (unet_config.in_channels, image_size, image_size)  # what the sampler draws
 
     def wrap_network(self, net: torch.nn.Module) -> None:
-        """For subclasses: `net` (holding the backbone) becomes the trained network, with a fresh EMA copy of it."""
-        self.net = net
-        self.ema = EMA(net, max_decay=self.hparams.ema_max_decay, power=self.hparams.ema_power)
+        """`net` (holding the backbone, net(x_t, t, **cond)) becomes the trained network, inside the objective's
+        wrapper (EDMPrecond for edm), with a fresh EMA copy of it. Subclasses wrap `inner_net` in their conditioned
+        network and pass that here."""
+        self.net = objective_network(self.objective, self.hparams, net)
+        self.ema = EMA(self.net, max_decay=self.hparams.ema_max_decay, power=self.hparams.ema_power)
+
+    @property
+    def inner_net(self) -> torch.nn.Module:
+        """The network holding the backbone and the conditioning: `net` itself, or the one inside EDMPrecond (edm)."""
+        return inner_network(self.net)
 
     # --- training -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -183,13 +208,17 @@ class DiffusionModel(GenerativeModule):
 
     def make_sampler(self, name: str | None = None, eta: float | None = None) -> Sampler:
         """The named sampler (default: the model's; any of ALL_SAMPLER_NAMES that fits the objective) with the model's
-        settings: prediction type and clip_sample (vp), the time shift (flow); DDIM's eta defaults to the model's."""
+        settings: prediction type and clip_sample (vp), the time shift (flow), the Karras sigmas (edm); DDIM's eta
+        defaults to the model's."""
         name = name or self.hparams.sampler
         check_sampler_name(self.objective, name)
         if eta is not None and name != "ddim":
             raise UserInputError(f"eta is DDIM's noise scale; sampler {name!r} has none")
         if self.objective == "flow":
             return build_flow_sampler(name, shift=self.hparams.time_shift)
+        if self.objective == "edm":
+            hp = self.hparams
+            return build_edm_sampler(name, sigma_min=hp.sigma_min, sigma_max=hp.sigma_max, rho=hp.rho)
         kwargs: dict[str, Any] = {"clip_sample": self.hparams.clip_sample}
         if name == "ddim":
             kwargs["eta"] = self.hparams.eta if eta is None else eta
@@ -206,6 +235,9 @@ class DiffusionModel(GenerativeModule):
         hparams = self.hparams
         if self.objective == "flow":
             return {"sampler": hparams.sampler, "steps": hparams.sample_steps, "time_shift": hparams.time_shift}
+        if self.objective == "edm":
+            sigmas = {key: hparams[key] for key in ("sigma_min", "sigma_max", "rho")}
+            return {"sampler": hparams.sampler, "steps": hparams.sample_steps, **sigmas}
         eta = {"eta": hparams.eta} if hparams.sampler == "ddim" else {}
         return {"sampler": hparams.sampler, "steps": hparams.sample_steps, **eta, "clip_sample": hparams.clip_sample}
 

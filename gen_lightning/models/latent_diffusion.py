@@ -2,12 +2,13 @@
 on text through the UNet's cross-attention and steered by classifier-free guidance (Ho & Salimans 2022).
 
 One trainable network, `self.net` = nn.text_unet.TextConditionedUNet (the UNet, its text encoder and the caption
-dropout), and its EMA copy; the first stage is a plain frozen network, the trained VAE's autoencoder with its EMA
-weights, copied into this model's checkpoints, so sampling needs only the latent-diffusion checkpoint. Latents are
-multiplied by `latent_scale` so they have unit variance, as the noise schedule assumes (Stable Diffusion's 0.18215 is
-the same idea, measured once on a batch of its data): unless given, it is estimated on the first batch the model sees
-(the sanity-check validation batch when Lightning runs one, else the first training batch; std over all ranks'
-latents) and stored as a buffer, so a resumed run keeps it.
+dropout; with objective edm, EDMPrecond around it, the text keywords passed through), and its EMA copy; the first
+stage is a plain frozen network, the trained VAE's autoencoder with its EMA weights, copied into this model's
+checkpoints, so sampling needs only the latent-diffusion checkpoint. Latents are multiplied by `latent_scale` so they
+have unit variance, as the noise schedule assumes (Stable Diffusion's 0.18215 is the same idea, measured once on a
+batch of its data): unless given, it is estimated on the first batch the model sees (the sanity-check validation batch
+when Lightning runs one, else the first training batch; std over all ranks' latents) and stored as a buffer, so a
+resumed run keeps it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gen_lightning.interop.folders import is_pretrained_folder
 from gen_lightning.models.checkpoint_format import renamed
 from gen_lightning.models.clip import load_clip
 from gen_lightning.models.diffusion import DiffusionModel
+from gen_lightning.models.objectives import inner_network
 from gen_lightning.models.vae import FirstStage, load_first_stage, vae_fingerprint
 from gen_lightning.nn.autoencoder import Autoencoder, decode_fp32, encode_fp32
 from gen_lightning.nn.text import TextConfig, TextEncoder, TruncationCounter
@@ -63,6 +65,8 @@ class LatentDiffusionModel(DiffusionModel):
     clip_sample: bound on the sampler's predicted x0 (DiffusionModel's). None here, unlike in pixel space: scaled
         latents have unit variance, not a [-1, 1] range (about a quarter of the emoji VAE's values lie outside it,
         some beyond 3), and clipping them distorts every sample; Stable Diffusion does not clip latents either.
+    sigma_data: with objective edm, the latents' standard deviation; None (default) here means 1, since latents are
+        scaled to unit variance (pixel models default to 0.5).
     sample_prompts: prompts `sample()` cycles through when called without any (sample grids, evaluation).
     vae_config / vae_sha256 / text_from_clip / text_sha256: filled in automatically, so a checkpoint rebuilds
         without the original files (the VAE's hyper-parameters and fingerprint; whether the text tower is CLIP's).
@@ -76,6 +80,7 @@ class LatentDiffusionModel(DiffusionModel):
     kind = "text-to-image"
     trains_on_captions = True
     checkpoint_format = 3
+    default_sigma_data = 1.0  # edm: latents are scaled to unit variance (latent_scale)
 
     def __init__(
         self,
@@ -155,7 +160,7 @@ class LatentDiffusionModel(DiffusionModel):
         )
         # The UNet DiffusionModel built is the same object inside, so a seed gives the same weights as before.
         network = TextConditionedUNet(
-            self.net, text_encoder, pooled_text=pooled_text, caption_dropout=caption_dropout,
+            self.inner_net, text_encoder, pooled_text=pooled_text, caption_dropout=caption_dropout,
             train_text=not text_from_clip,
         )  # fmt: skip
         self.wrap_network(network)
@@ -166,8 +171,9 @@ class LatentDiffusionModel(DiffusionModel):
         self.register_buffer("latent_scale", torch.tensor(scale))
         # Not persistent: it is the folder's, re-read with it (SD3/FLUX-style VAEs; 0 for SD 1/2/XL and ours).
         self.register_buffer("latent_shift", torch.tensor(first_stage.shift_factor), persistent=False)
+        text_path = "inner.text." if self.net is not self.inner_net else "text."  # edm: under EDMPrecond
         self.external = (("vae.",) if first_stage.external else ()) + (
-            ("net.text.", "ema.shadow.text.") if hf_text else ()
+            (f"net.{text_path}", f"ema.shadow.{text_path}") if hf_text else ()
         )
         self.truncation = TruncationCounter("latent diffusion captions")
 
@@ -259,8 +265,8 @@ class LatentDiffusionModel(DiffusionModel):
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         """Token ids of the captions on the model's device; truncated captions are counted (one warning a run)."""
-        tokens, lengths = self.net.tokenize(captions)
-        self.truncation.update(list(captions), lengths, self.net.text.context_length)
+        tokens, lengths = self.inner_net.tokenize(captions)
+        self.truncation.update(list(captions), lengths, self.inner_net.text.context_length)
         return tokens.to(self.device)
 
     def condition(
@@ -298,7 +304,8 @@ class LatentDiffusionModel(DiffusionModel):
             raise RuntimeError("latent_scale is not set: train at least one step or pass model.latent_scale")
         with self.evaluating():
             # One encoding for the prompts and the empty caption, so both contexts have the same (trimmed) length.
-            hidden, mask, pooled = self.ema.shadow.encode(self.tokenize([*self.prompts_for(n, cond), ""]))
+            text_net = inner_network(self.ema.shadow)
+            hidden, mask, pooled = text_net.encode(self.tokenize([*self.prompts_for(n, cond), ""]))
             prompts = {"context": (hidden[:-1], mask[:-1], pooled[:-1])}
             empty = {"context": (hidden[-1:], mask[-1:], pooled[-1:])}
             weight = self.hparams.guidance if guidance is None else guidance

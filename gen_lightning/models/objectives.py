@@ -4,6 +4,10 @@
   DPM-Solver++, Euler or Heun.
 - "flow": rectified flow (FlowMatchingLoss): straight paths, velocity target, uniform or logit-normal times with an
   optional shift; sampled by flow_euler or flow_heun with the same shift.
+- "edm": Karras et al. 2022 (EDMLoss): the trained network is EDMPrecond around the network that holds the backbone,
+  so it is called as net(x, sigma, **cond) and returns the x0 estimate; ln sigma ~ N(p_mean, p_std^2) in training;
+  sampled by edm_euler or edm_heun on Karras sigmas (sigma_min, sigma_max, rho). Its state-dict keys gain `inner.`
+  (net.inner.*, ema.shadow.inner.*); vp and flow networks are not wrapped, so their checkpoints are unchanged.
 
 An option of the other objective set away from its default would be silently ignored, so it is refused by name.
 """
@@ -13,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gen_lightning.diffusion import DiffusionLoss, FlowMatchingLoss, NoiseSchedule
+from torch import nn
+
+from gen_lightning.diffusion import DiffusionLoss, EDMLoss, EDMPrecond, FlowMatchingLoss, NoiseSchedule
 from gen_lightning.errors import UserInputError
 from gen_lightning.sampler_names import SAMPLER_NAMES_BY_OBJECTIVE
 
 OBJECTIVES = tuple(SAMPLER_NAMES_BY_OBJECTIVE)
-DEFAULT_SAMPLER = {"vp": "ddim", "flow": "flow_euler"}
+DEFAULT_SAMPLER = {"vp": "ddim", "flow": "flow_euler", "edm": "edm_heun"}  # edm_heun: EDM's Algorithm 1
 # Each objective's own options and their defaults (DiffusionModel's arguments of the same names).
 OPTIONS = {
     "vp": {
@@ -31,6 +37,8 @@ OPTIONS = {
         "eta": 0.0,
     },
     "flow": {"time_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "time_shift": 1.0},
+    # sigma_data None: the model's own default_sigma_data (0.5 for pixels in [-1, 1], 1 for unit-variance latents).
+    "edm": {"sigma_data": None, "p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
 }
 
 
@@ -54,7 +62,24 @@ def objective_loss(objective: str, options: Mapping[str, Any], schedule: NoiseSc
         return FlowMatchingLoss(
             options["time_sampling"], options["logit_mean"], options["logit_std"], options["time_shift"]
         )
+    if objective == "edm":
+        return EDMLoss(options["p_mean"], options["p_std"], options["sigma_data"])
     return DiffusionLoss(schedule, options["prediction_type"], options["loss_weighting"], options["min_snr_gamma"])
+
+
+def objective_network(objective: str, options: Mapping[str, Any], network: nn.Module) -> nn.Module:
+    """The network this objective trains around `network` (the one holding the backbone, net(x_t, t, **cond)):
+    EDMPrecond(network) for edm (keys under `inner.`, conditioning passed through as keyword arguments), else
+    `network` itself."""
+    if objective == "edm":
+        return EDMPrecond(network, sigma_data=options["sigma_data"])
+    return network
+
+
+def inner_network(net: nn.Module) -> nn.Module:
+    """The network that holds the backbone and the conditioning (TextConditionedUNet, WorldUNet, the backbone): the
+    one inside an edm model's EDMPrecond, or `net` itself (vp, flow). Works on `net` and on its EMA copy alike."""
+    return net.inner if isinstance(net, EDMPrecond) else net
 
 
 def check_sampler_name(objective: str, name: str) -> None:

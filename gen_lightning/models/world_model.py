@@ -117,7 +117,7 @@ class WorldModel(DiffusionModel):
         super().__init__(unet=unet_config, image_size=image_size, **kwargs)
         channels_last = bool(self.hparams.channels_last)
         self.wrap_network(
-            WorldUNet(self.net, click_maps=click_maps, cursor_sigma=cursor_sigma, channels_last=channels_last)
+            WorldUNet(self.inner_net, click_maps=click_maps, cursor_sigma=cursor_sigma, channels_last=channels_last)
         )
         self.sample_shape = (IMAGE_CHANNELS, image_size, image_size)
         # A starting screen stored with the weights (filled from the first batch seen), so `play` needs only the
