@@ -10,7 +10,7 @@ EMOJI_TEST := /usr/share/unicode/emoji/emoji-test.txt
 DATA ?= data/emoji
 RUN ?= runs/ddpm_emoji
 
-.PHONY: setup demo clip text2image world bench test lint clean
+.PHONY: setup demo distill clip text2image world bench test lint clean
 
 # The UI recorder's X server, input libraries and the app's font; chromium for the `play` page's browser test.
 X_TOOLS := /usr/bin/Xvfb /usr/bin/chromium /usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf
@@ -41,6 +41,18 @@ demo: setup $(DATA)/manifest.json
 	$(VENV)/bin/gen-lightning sample --ckpt $(RUN)/checkpoints/last.ckpt --n 64 --sampler ddim --steps 50 \
 		--out $(RUN)/samples.png
 	@echo "sample grid: $(RUN)/samples.png   W&B offline run: $(RUN)/wandb/"
+
+# Few steps (~15 CPU-minutes after `make demo`): progressive distillation of the demo's model from 64 DDIM steps to 1
+# in six rounds of 200 steps; one checkpoint per round, runs/distill_emoji/checkpoints/student-<N>steps.ckpt, sampled
+# with its N DDIM steps; then the grid of the 4-step student. README "Few steps".
+DISTILL := runs/distill_emoji
+distill: setup $(DATA)/manifest.json
+	test -f $(RUN)/checkpoints/last.ckpt || $(MAKE) demo
+	$(VENV)/bin/gen-lightning fit --config configs/distill_emoji.yaml --trainer.default_root_dir $(DISTILL) \
+		--model.init_args.teacher_checkpoint=$(RUN)/checkpoints/last.ckpt
+	$(VENV)/bin/gen-lightning sample --ckpt $(DISTILL)/checkpoints/student-4steps.ckpt --n 64 \
+		--out $(DISTILL)/student_4steps.png
+	@echo "students: $(DISTILL)/checkpoints/student-*steps.ckpt   4-step grid: $(DISTILL)/student_4steps.png"
 
 # CLIP on emoji + names (~20 CPU-minutes): retrieval / zero-shot numbers in its W&B run; the CLIP score's encoder and
 # the text encoder of text-to-image below.
