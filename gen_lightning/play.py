@@ -7,7 +7,7 @@ window because the usual setup is a GPU node reached over `ssh -L`, where no dis
 Endpoints:
     GET  /           the page
     GET  /frame.png  the current frame (never cached)
-    GET  /state      {"step", "image_size", "scale", "sample_steps", "context_frames", "history"}
+    GET  /state      {"step", "image_size", "scale", "sample_steps", "sampler", "context_frames", "history"}
     POST /action     an action dict (gen_lightning.actions) -> one model step -> {"step", "action", "seconds", "frame"}
     POST /reset      back to the stored start screen -> the same reply, step 0
 """
@@ -71,13 +71,17 @@ class PlaySession:
     """A world model's autoregressive rollout, one step per action; thread-safe (the HTTP server is threaded but
     there is one model and one context, so steps run one at a time, in arrival order)."""
 
-    def __init__(self, model: WorldModel, steps: int | None = None, seed: int = 0, scale: int = 6) -> None:
+    def __init__(
+        self, model: WorldModel, steps: int | None = None, seed: int = 0, scale: int = 6, sampler: str | None = None
+    ) -> None:
         if not isinstance(model, WorldModel):
             raise UserInputError(f"play needs a WorldModel, got a {type(model).__name__}")
         if steps is not None and steps < 1:
             raise UserInputError(f"--steps {steps}: the sampler needs at least one step")
         self.model = model.eval()
         self.steps = steps
+        self.sampler = model.resolve_sampler(sampler)  # a name of another objective is refused here, by name
+        self.sampler_name = sampler or str(model.hparams.sampler)
         self.seed = seed
         self.scale = scale
         self.generator = torch.Generator(device=model.device)
@@ -103,7 +107,8 @@ class PlaySession:
         checked = check_action(action, where)  # before the lock: a bad request never waits for the model
         with self._lock:
             start = time.perf_counter()
-            frame = self.model.sample(1, NextFrame(self.context, [checked]), steps=self.steps, generator=self.generator)
+            cond = NextFrame(self.context, [checked])
+            frame = self.model.sample(1, cond, steps=self.steps, sampler=self.sampler, generator=self.generator)
             self.context = torch.cat([self.context[:, 1:], frame[:, None]], 1)
             self.step_count += 1
             self.history.append({"step": self.step_count, **checked})
@@ -120,6 +125,7 @@ class PlaySession:
                 "image_size": self.image_size,
                 "scale": self.scale,
                 "sample_steps": self.steps or int(self.model.hparams.sample_steps),
+                "sampler": self.sampler_name,
                 "context_frames": int(self.model.hparams.context_frames),
                 "history": list(self.history),
             }
@@ -129,7 +135,13 @@ class PlaySession:
 
 
 def load_session(
-    ckpt: str | Path, device: str = "cpu", steps: int | None = None, seed: int = 0, use_ema: bool = True, scale: int = 6
+    ckpt: str | Path,
+    device: str = "cpu",
+    steps: int | None = None,
+    seed: int = 0,
+    use_ema: bool = True,
+    scale: int = 6,
+    sampler: str | None = None,
 ) -> PlaySession:
     """A PlaySession on a WorldModel checkpoint; errors name the checkpoint."""
     from gen_lightning.models.loading import load_model
@@ -142,7 +154,7 @@ def load_session(
         )
     if not use_ema:  # the raw weights: copied into the network sample() uses
         model.ema.copy_from(model.net)
-    return PlaySession(model.to(device), steps=steps, seed=seed, scale=scale)
+    return PlaySession(model.to(device), steps=steps, seed=seed, scale=scale, sampler=sampler)
 
 
 # --- HTTP -------------------------------------------------------------------------------------------------------------

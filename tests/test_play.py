@@ -27,8 +27,8 @@ from PIL import Image
 
 from gen_lightning.errors import UserInputError
 from gen_lightning.images import pil_to_tensor
-from gen_lightning.models.loading import CheckpointError
-from gen_lightning.models.world_model import WorldModel
+from gen_lightning.models.loading import CheckpointError, load_model
+from gen_lightning.models.world_model import NextFrame, WorldModel
 from gen_lightning.play import PlayServer, PlaySession, load_session, make_server
 from tests.conftest import save_checkpoint, shape_png
 
@@ -126,6 +126,22 @@ def test_load_session_names_the_checkpoint(tmp_path, tiny_vae_checkpoint):
     blank = save_checkpoint(tiny_world_model(start=False), tmp_path / "blank.ckpt")
     with pytest.raises(UserInputError, match=r"blank\.ckpt.*no start screen"):
         load_session(blank)
+
+
+def test_a_session_samples_with_the_sampler_and_steps_it_was_given(world_ckpt):
+    # ddpm: its fresh noise each step tells it apart from the model's ddim even on an untrained (zero-output) UNet
+    fast = load_session(world_ckpt, steps=3, sampler="ddpm")
+    assert fast.state()["sampler"] == "ddpm" and fast.state()["sample_steps"] == 3
+    frame = fast.step(ACTION)
+    model = load_model(world_ckpt)
+    generator = torch.Generator().manual_seed(0)  # the session's seed, its first step
+    by_hand = model.sample(
+        1, NextFrame(model.start_context(1), [ACTION]), steps=3, sampler="ddpm", generator=generator
+    )
+    torch.testing.assert_close(fast.context[:, -1], by_hand, atol=0, rtol=0)
+    assert frame.png != load_session(world_ckpt, steps=3).step(ACTION).png
+    with pytest.raises(UserInputError, match="flow_euler"):
+        load_session(world_ckpt, sampler="flow_euler")
 
 
 # --- the HTTP server --------------------------------------------------------------------------------------------------

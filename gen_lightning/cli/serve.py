@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 def play_main(args: Sequence[str]) -> None:
     from gen_lightning.evaluation.options import default_device
+    from gen_lightning.sampler_names import ALL_SAMPLER_NAMES
 
     parser = argparse.ArgumentParser(
         prog="gen-lightning play",
@@ -19,6 +20,8 @@ def play_main(args: Sequence[str]) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps per frame (default: the model's)")
+    help_text = "sampler per frame (default: the model's; e.g. dpm++ with --steps 4 for speed)"
+    parser.add_argument("--sampler", choices=ALL_SAMPLER_NAMES, default=None, help=help_text)
     parser.add_argument("--seed", type=int, default=0, help="noise seed; Reset starts its sequence again")
     parser.add_argument("--scale", type=int, default=6, help="on-page magnification of the frame (default 6)")
     parser.add_argument("--no-ema", action="store_true", help="generate with the raw (not EMA) weights")
@@ -31,7 +34,9 @@ def play_main(args: Sequence[str]) -> None:
 
     from gen_lightning.play import load_session, make_server, serve
 
-    session = load_session(ns.ckpt, ns.device, steps=ns.steps, seed=ns.seed, use_ema=not ns.no_ema, scale=ns.scale)
+    session = load_session(
+        ns.ckpt, ns.device, steps=ns.steps, seed=ns.seed, use_ema=not ns.no_ema, scale=ns.scale, sampler=ns.sampler
+    )
     serve(make_server(session, ns.host, ns.port))
 
 
