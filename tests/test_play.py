@@ -135,9 +135,7 @@ def test_a_session_samples_with_the_sampler_and_steps_it_was_given(world_ckpt):
     frame = fast.step(ACTION)
     model = load_model(world_ckpt)
     generator = torch.Generator().manual_seed(0)  # the session's seed, its first step
-    by_hand = model.sample(
-        1, NextFrame(model.start_context(1), [ACTION]), steps=3, sampler="ddpm", generator=generator
-    )
+    by_hand = model.sample(1, NextFrame(model.start_context(1), [ACTION]), steps=3, sampler="ddpm", generator=generator)
     torch.testing.assert_close(fast.context[:, -1], by_hand, atol=0, rtol=0)
     assert frame.png != load_session(world_ckpt, steps=3).step(ACTION).png
     with pytest.raises(UserInputError, match="flow_euler"):
