@@ -40,6 +40,16 @@ def randomised_ema(model, network: str = ""):
     return model
 
 
+def ddim_pipeline_images(folder: Path, n: int, steps: int, seed: int) -> torch.Tensor:
+    """n images in [0, 1], NCHW, from diffusers' DDIMPipeline on an exported folder (x0 clipping as our sampler's)."""
+    pipeline = diffusers.DDIMPipeline.from_pretrained(str(folder))
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=n, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                      use_clipped_model_output=True, output_type="pt").images  # fmt: skip
+    images = torch.as_tensor(images)
+    return images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images  # NHWC for some output types
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -58,13 +68,7 @@ def test_ddim_pipeline_on_exported_folder_matches_sample(settings, tmp_path, cap
     out = tmp_path / "export"
     main(["export", f"--ckpt={ckpt}", f"--out={out}", "--format=diffusers"])
     assert "use_clipped_model_output=True" in capsys.readouterr().out
-    pipeline = diffusers.DDIMPipeline.from_pretrained(str(out))
-    pipeline.set_progress_bar_config(disable=True)
-    theirs = pipeline(batch_size=4, generator=torch.Generator().manual_seed(3), num_inference_steps=4,
-                      use_clipped_model_output=True, output_type="pt").images  # fmt: skip
-    theirs = torch.as_tensor(theirs)
-    if theirs.shape[-1] == 3:  # diffusers returns NHWC arrays for some output types
-        theirs = theirs.permute(0, 3, 1, 2)
+    theirs = ddim_pipeline_images(out, 4, steps=4, seed=3)
     ours = (model.sample(4, steps=4, generator=torch.Generator().manual_seed(3)) + 1) / 2
     assert ours.std() > 0.05  # not a constant image
     assert (theirs - ours).abs().max() <= 1e-4
@@ -89,12 +93,7 @@ def test_a_progressive_student_exports_as_a_ddim_pipeline_of_its_own_steps(tmp_p
         ]
     )
     assert "num_inference_steps=2" in capsys.readouterr().out
-    pipeline = diffusers.DDIMPipeline.from_pretrained(str(out))
-    pipeline.set_progress_bar_config(disable=True)
-    theirs = pipeline(batch_size=3, generator=torch.Generator().manual_seed(3), num_inference_steps=2,
-                      use_clipped_model_output=True, output_type="pt").images  # fmt: skip
-    theirs = torch.as_tensor(theirs)
-    theirs = theirs.permute(0, 3, 1, 2) if theirs.shape[-1] == 3 else theirs
+    theirs = ddim_pipeline_images(out, 3, steps=2, seed=3)
     ours = (student.sample(3, generator=torch.Generator().manual_seed(3)) + 1) / 2  # its default: 2 steps
     assert ours.std() > 0.05 and (theirs - ours).abs().max() <= 1e-4
 
