@@ -129,6 +129,18 @@ def test_a_student_starts_as_its_teachers_ema_and_rebuilds_without_the_teachers_
     torch.testing.assert_close(drawn[0], drawn[1], atol=0, rtol=0)
 
 
+def test_a_student_of_a_teacher_saved_before_an_option_existed_rebuilds(tiny_teacher_checkpoint, tmp_path):
+    """The student's checkpoint carries every option of today's DiffusionModel; its teacher's may lack newer ones."""
+    old = torch.load(tiny_teacher_checkpoint, weights_only=True)
+    for key in ("sigma_data", "p_mean", "time_shift"):
+        old["hyper_parameters"].pop(key, None)
+    torch.save(old, tmp_path / "old_teacher.ckpt")
+    student = DistilledDiffusionModel(str(tmp_path / "old_teacher.ckpt"), teacher_steps=8, rounds=2)
+    assert "sigma_data" in student.hparams and "sigma_data" not in student.hparams.teacher_config
+    rebuilt = load_model(save_checkpoint(student, tmp_path / "student.ckpt"))
+    assert rebuilt.hparams.teacher_config == student.hparams.teacher_config
+
+
 def test_teachers_and_options_it_cannot_distil_are_refused_by_name(
     tiny_teacher_checkpoint, tiny_vae_checkpoint, tmp_path
 ):

@@ -19,6 +19,7 @@ rebuilds, samples, evaluates and exports without the teacher's file. Losses: dif
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -92,11 +93,16 @@ class DistilledDiffusionModel(DiffusionModel):
                 f"{inherited['image_size']}: set data.image_size={inherited['image_size']}"
             )
         image_size = inherited["image_size"]
-        for key, value in inherited_options.items():  # a student's checkpoint repeats them; a config must not
-            if key not in inherited or inherited[key] != value:
+        # A student's checkpoint repeats them (a teacher saved before an option existed has its default); a config
+        # must not set them.
+        defaults = {name: p.default for name, p in inspect.signature(DiffusionModel.__init__).parameters.items()}
+        for key, value in inherited_options.items():
+            expected = inherited.get(key, defaults.get(key, inspect.Parameter.empty))
+            if expected is inspect.Parameter.empty or expected != value:
+                shown = "not an option" if expected is inspect.Parameter.empty else repr(expected)
                 raise UserInputError(
-                    f"model.init_args.{key}={value!r}: the student takes {key} from its teacher "
-                    f"({inherited.get(key, 'not an option')!r}); leave it unset"
+                    f"model.init_args.{key}={value!r}: the student takes {key} from its teacher ({shown}); "
+                    "leave it unset"
                 )
         progressive = method == "progressive"
         options = {
