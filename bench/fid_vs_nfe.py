@@ -107,18 +107,25 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def markdown(rows_file: Path) -> str:
-    """The FID rows as a table; the wall time from timing.jsonl beside them when measured (quiet machine)."""
+    """The FID rows as a table, by model, sampler and NFE, each FID also as a ratio to the first model's DDIM-50 (the
+    baseline of the few-step targets); the wall time from timing.jsonl beside them when measured (quiet machine)."""
+    rows = read_rows(rows_file)
     timings = {(r["label"], r["sampler"], r["steps"]): r for r in read_rows(rows_file.parent / "timing.jsonl")}
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    rows.sort(key=lambda r: (labels.index(r["label"]), samplers.index(r["sampler"]), r["nfe"]))
+    base = next((r["fid"] for r in rows if r["label"] == labels[0] and (r["sampler"], r["nfe"]) == ("ddim", 50)), None)
     lines = [
-        "| model | sampler | steps | NFE | FID | FID floor | KID ×10³ | sampling s / 1,000 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | sampler | steps | NFE | FID | FID / DDIM-50 | FID floor | KID ×10³ | sampling s / 1,000 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in read_rows(rows_file):
+    for r in rows:
         timing = timings.get((r["label"], r["sampler"], r["steps"]))
         seconds = f"{timing['sampling_s_per_1000']:.0f}" if timing else "–"
+        ratio = f"{r['fid'] / base:.2f}" if base else "–"
         lines.append(
-            f"| {r['label']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.1f} | {r['fid_floor']:.1f} | "
-            f"{1000 * r['kid']:.1f} | {seconds} |"
+            f"| {r['label']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.1f} | {ratio} | "
+            f"{r['fid_floor']:.1f} | {1000 * r['kid']:.1f} | {seconds} |"
         )
     return "\n".join(lines)
 
