@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from gen_lightning.diffusion.parameterization import check_prediction_type, to_x0_and_eps
-from gen_lightning.diffusion.samplers import _randn_like, clipped_x0_and_eps, spaced_timesteps
+from gen_lightning.diffusion.samplers import _DiscreteSampler, _randn_like, clipped_x0_and_eps, spaced_timesteps
 from gen_lightning.diffusion.schedule import NoiseSchedule
 from gen_lightning.diffusion.utils import append_dims
 
@@ -212,35 +212,21 @@ class ConsistencyDistillationLoss:
         return squared.mean()
 
 
-class ConsistencySampler:
+class ConsistencySampler(_DiscreteSampler):
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCMScheduler): at each grid point the student's
-    f gives x0, which is re-noised with fresh noise to the next (lower) grid point; the last step returns x0."""
-
-    objective = "vp"
-    init_noise_sigma = 1.0
-
-    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon", clip_sample: float | None = 1.0):
-        self.schedule = schedule
-        self.prediction_type = check_prediction_type(prediction_type)
-        self.clip_sample = clip_sample
-        self.set_timesteps(1)
-
-    def set_timesteps(self, num_steps: int) -> None:
-        self.timesteps = spaced_timesteps(self.schedule.num_timesteps, num_steps, "trailing")
-        ts = self.timesteps.tolist()
-        self._prev = dict(zip(ts, [*ts[1:], -1], strict=True))
+    f gives x0, which is re-noised with fresh noise to the next (lower) grid point; the last step returns x0. The grid
+    and its bookkeeping are DDIM's (trailing spacing)."""
 
     def step(
         self, model_output: torch.Tensor, t: int, x_t: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        ab_t, ab_prev = self._alpha_bars(t)
         t_batch = torch.full((x_t.shape[0],), int(t), device=x_t.device)
         x0 = consistency_output(
-            self.prediction_type, model_output, x_t, alpha_bar_at(self.schedule, t_batch, x_t.dtype), t_batch
+            self.prediction_type, model_output, x_t, torch.full_like(t_batch, ab_t, dtype=x_t.dtype), t_batch
         )
         if self.clip_sample is not None:
             x0 = x0.clamp(-self.clip_sample, self.clip_sample)
-        prev = self._prev[int(t)]
-        if prev < 0:
+        if self.previous_timestep(t) < 0:
             return x0
-        ab_prev = float(self.schedule.alphas_cumprod[prev])
         return math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * _randn_like(x_t, generator)
