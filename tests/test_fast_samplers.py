@@ -95,12 +95,24 @@ def test_sigma_to_timestep_inverts_the_table_and_interpolates_log_sigma() -> Non
 
 def test_noise_levels_karras_are_fractional_discrete_are_the_ddim_timesteps() -> None:
     schedule = NoiseSchedule.from_name("linear", 1000)
-    sigmas, times = vp_noise_levels(schedule, 10)
+    sigmas, times = vp_noise_levels(schedule, 10, sigma_max=float(vp_sigmas(schedule)[-1]))
     assert times.dtype == F64 and times[0] == pytest.approx(999) and times[-1] == pytest.approx(0, abs=1e-9)
     assert sigmas[-1] == 0 and bool((sigmas[:-1] > sigmas[1:]).all())
     sigmas, times = vp_noise_levels(schedule, 10, spacing="trailing")
     assert times.tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     torch.testing.assert_close(sigmas[:-1], vp_sigmas(schedule)[times])
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_karras_grid_starts_at_most_at_80_unless_told(name: str) -> None:
+    # the cosine schedule's last sigma is ~2e4: Heun from there gives noise on the demo model (bench/RESULTS.md)
+    schedule = NoiseSchedule.from_name(name, 1000)
+    last_sigma = float(vp_sigmas(schedule)[-1])
+    assert last_sigma > 80
+    sigmas, times = vp_noise_levels(schedule, 5)
+    assert float(sigmas[0]) == pytest.approx(80.0) and float(times[0]) < 999
+    sigmas, times = vp_noise_levels(schedule, 5, sigma_max=last_sigma)
+    assert float(sigmas[0]) == pytest.approx(last_sigma) and float(times[0]) == pytest.approx(999)
 
 
 # 2. agreement with diffusers, step by step
@@ -148,7 +160,9 @@ CASES = [
 def test_steps_match_diffusers(name: str, spacing: str, prediction_type: str) -> None:
     schedule = NoiseSchedule.from_name("linear", 1000)
     model = GaussianDenoiser(schedule, prediction_type, wobble=0.05)
-    ours = build_sampler(name, schedule, prediction_type, timestep_spacing=spacing)
+    # diffusers starts a Karras grid at the schedule's last sigma (157 here); ours caps it at 80 unless told
+    uncapped = {"sigma_max": float(vp_sigmas(schedule)[-1])} if spacing == "karras" else {}
+    ours = build_sampler(name, schedule, prediction_type, timestep_spacing=spacing, **uncapped)
     reference = _diffusers_scheduler(name, schedule, prediction_type, spacing)
     num_steps = 10
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -17,6 +17,11 @@ from gen_lightning.diffusion.schedule import NoiseSchedule
 # previous alpha_bar where that is smaller, so sigma still increases with t (log-sigma interpolation needs it).
 TERMINAL_ALPHA_BAR = 2.0**-24
 KARRAS = "karras"
+# The highest noise level the Karras grid starts from by default (EDM's sigma_max; NVlabs/edm also caps a VP model's
+# grid at the network's own). A cosine schedule clipped at beta 0.999 reaches sigma ~2e4 at its last step: starting
+# there, Heun's first step is so long that its second evaluation reads the network far off its training inputs, and
+# 3-9 NFE give noise (FID ~420 on the demo model; bench/RESULTS.md "Few steps"). From 80, x_T's signal is 1/80.
+DEFAULT_SIGMA_MAX = 80.0
 NOISE_SPACINGS = (KARRAS, *TIMESTEP_SPACINGS)
 
 
@@ -60,16 +65,16 @@ def vp_noise_levels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas [n+1] ending at 0, the network's timesteps [n]) for n steps of an ODE sampler.
 
-    spacing="karras": EDM eq. 5 between sigma_min and sigma_max (default: the schedule's sigma at t=0 and t=T-1), at
-    fractional timesteps (float64). Otherwise a timestep spacing of `spaced_timesteps` (as the project's DDIM), at
-    integer timesteps (int64).
+    spacing="karras": EDM eq. 5 between sigma_min and sigma_max (default: the schedule's sigma at t=0, and its sigma
+    at t=T-1 capped at DEFAULT_SIGMA_MAX; diffusers and k-diffusion do not cap), at fractional timesteps (float64).
+    Otherwise a timestep spacing of `spaced_timesteps` (as the project's DDIM), at integer timesteps (int64).
     """
     if spacing not in NOISE_SPACINGS:
         raise ValueError(f"unknown noise spacing {spacing!r}; valid: {', '.join(NOISE_SPACINGS)}")
     table = vp_sigmas(schedule)
     if spacing == KARRAS:
         lo = float(table[0]) if sigma_min is None else sigma_min
-        hi = float(table[-1]) if sigma_max is None else sigma_max
+        hi = min(float(table[-1]), DEFAULT_SIGMA_MAX) if sigma_max is None else sigma_max
         sigmas = karras_sigmas(num_steps, lo, hi, rho)
         return sigmas, sigma_to_timestep(sigmas[:-1], table)
     if sigma_min is not None or sigma_max is not None:
