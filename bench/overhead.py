@@ -37,9 +37,13 @@ class StepTimer(L.Callback):
     """Records the time between consecutive training-step ends (added to the CLI run by class path)."""
 
     times: ClassVar[list[float]] = []  # class-level: the CLI builds the instance, the bench reads the result
+    parameters: ClassVar[int] = 0  # the trained network's, counted at the start of training
 
     def __init__(self) -> None:
         self.last: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        StepTimer.parameters = sum(p.numel() for p in pl_module.net.parameters())
 
     def on_train_batch_end(self, *args) -> None:
         now = time.perf_counter()
@@ -129,12 +133,13 @@ class LockstepBareLoop(L.Callback):
         self.bare.close()
 
 
-def lightning_fit(data_dir: str, steps: int, batch_size: int, *extra: str) -> list[float]:
-    """Step times of `gen-lightning fit` on the demo config (+ `extra` CLI arguments), in a fresh run folder."""
+def lightning_fit(data_dir: str, steps: int, batch_size: int, *extra: str, config: Path = CONFIG) -> list[float]:
+    """Step times of `gen-lightning fit` on `config` (the demo's by default; + `extra` CLI arguments), in a fresh
+    run folder."""
     # The CLI imports this file as `bench.overhead`, a different module object than `__main__`: use that one's class.
     timer = importlib.import_module("bench.overhead").StepTimer
     timer.times = []
-    run_fit(data_dir, steps, batch_size, "{class_path: bench.overhead.StepTimer}", *extra)
+    run_fit(data_dir, steps, batch_size, "{class_path: bench.overhead.StepTimer}", *extra, config=config)
     return list(timer.times)
 
 
@@ -152,14 +157,16 @@ def lockstep_fit(data_dir: str, steps: int, batch_size: int) -> tuple[list[float
     return list(lockstep.fit_times), list(lockstep.bare_times)
 
 
-def run_fit(data_dir: str, steps: int, batch_size: int, timing_callback: str, *extra: str) -> None:
+def run_fit(
+    data_dir: str, steps: int, batch_size: int, timing_callback: str, *extra: str, config: Path = CONFIG
+) -> None:
     from gen_lightning.cli import main
 
     main(
         [
             "fit",
             "--config",
-            str(CONFIG),
+            str(config),
             f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='bench_fit_')}",  # fresh: nothing to resume
             f"--trainer.max_steps={steps}",
             "--trainer.limit_val_batches=0",
