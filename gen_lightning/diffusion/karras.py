@@ -17,10 +17,10 @@ from gen_lightning.diffusion.schedule import NoiseSchedule
 # previous alpha_bar where that is smaller, so sigma still increases with t (log-sigma interpolation needs it).
 TERMINAL_ALPHA_BAR = 2.0**-24
 KARRAS = "karras"
-# The highest noise level the Karras grid starts from by default (EDM's sigma_max; NVlabs/edm also caps a VP model's
-# grid at the network's own). A cosine schedule clipped at beta 0.999 reaches sigma ~2e4 at its last step: starting
-# there, Heun's first step is so long that its second evaluation reads the network far off its training inputs, and
-# 3-9 NFE give noise (FID ~420 on the demo model; bench/RESULTS.md "Few steps"). From 80, x_T's signal is 1/80.
+# The highest noise level the Karras grid starts from by default: EDM's sampler starts at min(80, the network's
+# sigma_max), and so does this. A cosine schedule clipped at beta 0.999 reaches sigma ~2e4 at its last step; from
+# there Heun drew noise at 3, 5 and 9 NFE on the demo model (FID ~420), from 80 it scores 312 and 197 at 5 and 9
+# (3 NFE is still noise; bench/RESULTS.md "Few steps"). At 80, x_T's signal is 1/80 of its noise.
 DEFAULT_SIGMA_MAX = 80.0
 NOISE_SPACINGS = (KARRAS, *TIMESTEP_SPACINGS)
 
