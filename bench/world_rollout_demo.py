@@ -78,17 +78,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--sampler", default=None, help="sampler name (default: the model's), e.g. dpm++ or edm_euler")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps per frame (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=int, default=2)
     ns = parser.parse_args()
     model = load_model(ns.ckpt, expected=WorldModel)
+    model.make_sampler(ns.sampler)  # a sampler that does not fit the model's objective fails before the recording
     size, context = int(model.hparams.image_size), int(model.hparams.context_frames)
     samples = record(size, context)
     real = torch.stack([s["image"] for s in samples])
     actions = torch.stack([s["action"] for s in samples])[None]
     generator = torch.Generator().manual_seed(ns.seed)
-    predicted = model.rollout(samples[0]["frames"][None], actions, steps=ns.steps, generator=generator)[0]
+    predicted = model.rollout(
+        samples[0]["frames"][None], actions, steps=ns.steps, sampler=ns.sampler, generator=generator
+    )[0]
     strip(real, predicted, ns.scale).save(ns.out)
     model_psnr, copy_psnr = psnr(predicted, real), psnr(samples[0]["frames"][-1:].expand_as(real), real)
     print(f"wrote {ns.out}")

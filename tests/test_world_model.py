@@ -237,6 +237,14 @@ def test_world_metrics_psnr_baseline_and_nan_handling():
     results = metrics.compute()
     assert results["rollout_psnr_t01"] == 100.0 and results["rollout_psnr_t02"] == pytest.approx(psnr(off, real).item())
     assert results["rollout_psnr_copy_first"] == pytest.approx(psnr(off, real).item())
+    assert results["rollout_psnr_copy_first_t02"] == pytest.approx(psnr(off, real).item())
+    assert results["rollout_steps_above_copy_first"] == 1  # step 1 exact, step 2 the same frame as keeping the start
+    metrics.update_rollout(torch.stack([off, off], 1), torch.stack([real, off], 1), real)
+    results = metrics.compute()  # per step over both rollouts: step 1 a tie (not above), step 2 the model's
+    half_exact = (psnr(off, real).item() + 100) / 2
+    assert results["rollout_psnr_copy_first_t01"] == pytest.approx(half_exact) == results["rollout_psnr_t01"]
+    assert results["rollout_psnr_copy_first_t02"] == pytest.approx(psnr(off, real).item())
+    assert results["rollout_steps_above_copy_first"] == 1 and results["rollout_psnr_t02"] == pytest.approx(half_exact)
     mean = MeanVector(2)
     mean.update(torch.tensor([[1.0, float("nan")], [3.0, 2.0]]))
     assert mean.compute().tolist() == [2.0, 2.0]

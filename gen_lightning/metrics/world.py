@@ -5,7 +5,8 @@ PSNR and SSIM are per frame on [0, 1] pixels, then averaged over frames (the vid
 dataset-level MSE would let a few easy frames hide bad ones). `psnr_copy_last` scores the trivial prediction "the
 screen does not change" on the same frames: most of a desktop is static from one step to the next, so a world model
 is only useful where it beats that baseline. Rollouts have theirs too: `rollout_psnr_copy_first` keeps the screen
-the rollout started from.
+the rollout started from, per step as `rollout_psnr_copy_first_tNN` beside `rollout_psnr_tNN`, and
+`rollout_steps_above_copy_first` counts the steps where the model's mean beats it (the goal is all of them).
 
 Cursor accuracy: the recorder draws the cursor as a magenta sprite (actions). A frame's cursor position is the
 centroid of its magenta pixels; a prediction hits when its cursor is within `tolerance` pixels of the real next frame's.
@@ -98,7 +99,7 @@ class WorldMetrics(torch.nn.Module):
         super().__init__()
         self.one_step = MeanVector(4)  # psnr, psnr_copy_last, ssim, cursor_accuracy
         self.rollout = MeanVector(rollout_steps)
-        self.rollout_copy = MeanVector(1)
+        self.rollout_copy = MeanVector(rollout_steps)
         self.states, self.text = StateAccuracy(), TextAccuracy()
         self.rollout_steps = rollout_steps
         self.cursor_tolerance = cursor_tolerance
@@ -138,15 +139,18 @@ class WorldMetrics(torch.nn.Module):
         per_step = psnr(predicted.flatten(0, 1).cpu(), real.flatten(0, 1).cpu()).clamp(max=100.0)
         self.rollout.update(per_step.view(n, steps))
         frozen = start.cpu()[:, None].expand_as(real).flatten(0, 1)
-        self.rollout_copy.update(psnr(frozen, real.flatten(0, 1).cpu()).clamp(max=100.0).view(n, steps).mean(1, True))
+        self.rollout_copy.update(psnr(frozen, real.flatten(0, 1).cpu()).clamp(max=100.0).view(n, steps))
 
     def compute(self) -> dict[str, float]:
         one_step = self.one_step.compute().tolist()
         results = dict(zip(("psnr", "psnr_copy_last", "ssim", "cursor_accuracy"), one_step, strict=True))
         curve = self.rollout.compute().reshape(-1).tolist()  # torchmetrics squeezes a 1-step curve to a scalar
+        copy_curve = self.rollout_copy.compute().reshape(-1).tolist()
         results["rollout_psnr"] = float(torch.tensor(curve).nanmean())
-        results["rollout_psnr_copy_first"] = float(self.rollout_copy.compute().reshape(-1)[0])
+        results["rollout_psnr_copy_first"] = float(torch.tensor(copy_curve).nanmean())
+        results["rollout_steps_above_copy_first"] = sum(m > c for m, c in zip(curve, copy_curve, strict=True))
         results.update({f"rollout_psnr_t{step + 1:02d}": value for step, value in enumerate(curve)})
+        results.update({f"rollout_psnr_copy_first_t{step + 1:02d}": value for step, value in enumerate(copy_curve)})
         if self.ui_app:
             results.update(self.states.compute())
             results.update(self.text.compute())
