@@ -2,11 +2,14 @@
 the number of steps that costs what the demo's 1,400 steps of `configs/ddpm_emoji.yaml` cost.
 
     .venv/bin/python -m bench.recipes [--steps 40] [--repeats 2] [--data data/emoji]
+        [--vae runs/vae_emoji/checkpoints/last.ckpt --latent-data data/emoji_latents]
 
 Each recipe is a config (+ CLI flags) trained on the same data at batch 32, 32². Recipes alternate within a repeat, so
 drift of a shared machine hits all of them; the ratio is taken against the demo recipe of the same repeat. The
 printed budget is what the comparison trains each recipe for (`--trainer.max_steps`); FIDs then come from
-`bench/fid_vs_nfe.py` (bench/RESULTS.md, "Recipes at equal CPU time"). Not a test.
+`bench/fid_vs_nfe.py` (bench/RESULTS.md, "Recipes at equal CPU time"). With --vae and --latent-data, also the
+latent DiT of configs/ldm_dit_emoji.yaml on those pre-encoded latents at its own batch of 64 (the VAE's training is
+not counted: it is a pretrained part, as Stable Diffusion's VAE would be). Not a test.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         ["--model.init_args.dit.width=256", "--model.init_args.dit.depth=8"],
     ),
 }
+LATENT = "latent DiT + flow, text (192×6, patch 1, batch 64)"
+LATENT_BATCH = 64  # configs/ldm_dit_emoji.yaml's: its steps are counted at that batch
 
 
 def main() -> None:
@@ -42,13 +47,21 @@ def main() -> None:
     parser.add_argument("--data", default="data/emoji")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--vae", help="VAE checkpoint the latents were encoded with (adds the latent DiT)")
+    parser.add_argument("--latent-data", help="pre-encoded latent shards (`gen-lightning shards encode`)")
     ns = parser.parse_args()
+    recipes = dict(RECIPES)
+    if bool(ns.vae) != bool(ns.latent_data):
+        parser.error("--vae and --latent-data go together")
+    if ns.vae:
+        latent_flags = [f"--model.init_args.vae_checkpoint={ns.vae}", f"--data.train={ns.latent_data}"]
+        recipes[LATENT] = ("ldm_dit_emoji.yaml", [*latent_flags, f"--data.batch_size={LATENT_BATCH}"])
     os.environ.setdefault("WANDB_MODE", "disabled")  # the logger stays (the LR monitor needs one), writing nothing
     timer = importlib.import_module("bench.overhead").StepTimer  # the class the CLI's callback writes to
-    times: dict[str, list[float]] = {name: [] for name in RECIPES}
+    times: dict[str, list[float]] = {name: [] for name in recipes}
     parameters: dict[str, int] = {}
     for repeat in range(ns.repeats):
-        for name, (config, flags) in RECIPES.items():
+        for name, (config, flags) in recipes.items():
             steps = lightning_fit(ns.data, ns.steps, 32, *flags, config=CONFIGS / config)
             times[name].append(statistics.median(steps[WARMUP:]))
             parameters[name] = timer.parameters

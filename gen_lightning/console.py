@@ -10,6 +10,10 @@ import logging
 import os
 import sys
 import warnings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Lightning's own handler (on the `lightning` logger, added when it is imported) prints "INFO: ...": ours matches.
 LOG_FORMAT = "%(levelname)s: %(message)s"
@@ -100,6 +104,17 @@ def silence_inapplicable_warnings() -> None:
     # one process of a multi-task job runs, so there it stays.
     if "SLURM_JOB_ID" not in os.environ:
         warnings.filterwarnings("ignore", message=SRUN_WARNING, module=r"lightning\.fabric\.plugins\.environments")
+
+
+def silence_frozen_eval_warning(model: torch.nn.Module) -> None:
+    """Lightning warns when modules are in eval mode as training starts: a module left in eval by mistake trains
+    without dropout and batch-norm updates. A frozen pretrained part (a VAE, a CLIP text tower, a distillation
+    teacher) is in eval mode on purpose. When no module in eval mode holds a trainable parameter, the warning with
+    exactly that count is silenced; any other module in eval mode changes the count, and the warning shows."""
+    in_eval = [module for module in model.modules() if not module.training]
+    if in_eval and not any(p.requires_grad for module in in_eval for p in module.parameters()):
+        count = rf"Found {len(in_eval)} module\(s\) in eval mode at the start of training"
+        warnings.filterwarnings("ignore", message=count)
 
 
 def configure_console() -> None:

@@ -128,3 +128,31 @@ def test_a_ddp_fit_prints_each_line_once(toy_shards, tmp_path):
     assert repeated_lines(output) == [], output
     assert [message for message in NOISE if message in output] == [], output
     assert re.findall(r"^train: step 2/2 ", output, re.MULTILINE) == ["train: step 2/2 "]
+
+
+def lightning_eval_mode_warnings(model: object) -> list[str]:
+    """The messages Lightning's own start-of-training check (FitLoop._warn_if_modules_in_eval_mode) warns with."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loops.fit_loop import _FitLoop
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from gen_lightning.console import silence_frozen_eval_warning
+
+        silence_frozen_eval_warning(model)
+        _FitLoop._warn_if_modules_in_eval_mode(SimpleNamespace(trainer=SimpleNamespace(lightning_module=model)))
+    return [str(w.message) for w in caught if "eval mode" in str(w.message)]
+
+
+def test_eval_mode_warning_silenced_only_for_frozen_parts():
+    from torch import nn
+
+    def frozen() -> nn.Module:
+        return nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval().requires_grad_(False)
+
+    assert lightning_eval_mode_warnings(nn.Sequential(nn.Linear(2, 2), frozen())) == []  # a frozen VAE, say
+    left_in_eval = nn.Sequential(nn.Linear(2, 2).eval(), frozen())  # a trainable layer in eval mode by mistake
+    (message,) = lightning_eval_mode_warnings(left_in_eval)
+    assert message.startswith("Found 4 module(s) in eval mode")

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 
+from gen_lightning.console import silence_frozen_eval_warning
 from gen_lightning.diffusion import Sampler
 from gen_lightning.errors import UserInputError
 from gen_lightning.models.checkpoint_format import Rule, renamed, upgrade
@@ -66,6 +67,9 @@ class GenerativeModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        silence_frozen_eval_warning(self)  # frozen pretrained parts are in eval mode on purpose
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and (problem := strategy_problem(self, self.trainer.strategy)):

@@ -155,6 +155,7 @@ class DiffusionModel(GenerativeModule):
             self.net.compile()
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
 

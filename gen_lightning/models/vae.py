@@ -146,6 +146,7 @@ class VAEModel(GenerativeModule):
 
     # --- training -------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
 
