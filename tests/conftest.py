@@ -16,6 +16,16 @@ from gen_lightning.data.shard_writer import write_shards
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def private_fid_cache(tmp_path_factory) -> Path:
+    """FID reference statistics that tests compute go to a temporary folder, not the user's ~/.cache: every run's
+    toy shards are new files, so each run would leave another ~33 MB entry there."""
+    folder = tmp_path_factory.mktemp("gen_lightning_cache")
+    os.environ["GEN_LIGHTNING_CACHE"] = str(folder)
+    return folder
+
+
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (240, 200, 30)}
 SHAPES = ("circle", "square")
 

@@ -154,7 +154,11 @@ def test_evaluate_cli_writes_report_and_reuses_reference(tiny_run, toy_shards, t
     again = json.loads((tmp_path / "report.json").read_text())
     assert again["reference_cached"] is True
     assert again["fid"] == pytest.approx(report["fid"], rel=1e-6)  # same seed, same reference: same number
-    assert again["fid_floor"] == report["fid_floor"] and list((tmp_path / "cache").glob("*.floor.json"))
+    assert again["fid_floor"] == report["fid_floor"] and len(list((tmp_path / "cache").glob("*.floor.json"))) == 1
+    main([*args, "--no-kid"])  # the floor measured with KID serves a --no-kid call: no second floor file
+    without_kid = json.loads((tmp_path / "report.json").read_text())
+    assert without_kid["fid_floor"] == report["fid_floor"] and "kid_floor" not in without_kid
+    assert len(list((tmp_path / "cache").glob("*.floor.json"))) == 1
 
 
 @pytest.mark.slow

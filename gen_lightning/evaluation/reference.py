@@ -166,12 +166,14 @@ class FIDAgainstReference:
             return {}
         self.load_reference(reference, rank, world)
         stride = max(1, (reference.floor_samples or 0) // count)
-        key = {**reference_key(reference, self.metrics.extractor, self.max_real), "kid": self.metrics.kid is not None,
+        key = {**reference_key(reference, self.metrics.extractor, self.max_real),
                "floor_shards": shard_set_key(reference.floor_urls), "floor_count": count, "stride": stride}  # fmt: skip
         path = cache_path(key, self.cache_dir).with_suffix(".floor.json")
         cached = _read_json(path)
-        if cached.get("key") == key:
-            return cached["floor"]
+        wants_kid = self.metrics.kid is not None
+        # One file per floor whether KID was asked or not: a floor measured with KID also serves --no-kid calls.
+        if cached.get("key") == key and (not wants_kid or "kid_floor" in cached["floor"]):
+            return {name: value for name, value in cached["floor"].items() if wants_kid or name == "fid_floor"}
         share, seen, position = rank_count(count, world, rank), 0, 0
         with progress(total=share, desc="FID floor (real training images)", unit="images", rank=rank) as bar:
             for batch in reference.floor_batches():
