@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gen_lightning.diffusion.karras import karras_sigmas
+from gen_lightning.diffusion.noise import channel_offsets
 from gen_lightning.diffusion.ode_samplers import ODESampler
 from gen_lightning.diffusion.utils import append_dims
 
@@ -36,6 +37,14 @@ def edm_coefficients(
     return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt(), sigma.log() / 4
 
 
+def effective_sigma(sigma: torch.Tensor, offset_noise: float) -> torch.Tensor:
+    """The noise's standard deviation per pixel when offset noise (one N(0, offset^2) value per sample and channel)
+    is added to sigma n in training: sqrt(sigma^2 + offset^2). The coefficients and the loss weight use it, as DIAMOND
+    does, so the network's input and target keep unit variance. Sampling passes the plain sigma: the offset is a
+    training augmentation, never added to x_T."""
+    return (sigma**2 + offset_noise**2).sqrt() if offset_noise else sigma
+
+
 def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2 (table 1)."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
@@ -47,15 +56,21 @@ class EDMPrecond(nn.Module):
     samplers, EMA and FSDP wrapping see one module (as NVlabs/edm's EDMPrecond)."""
 
     def __init__(
-        self, inner: nn.Module, sigma_data: float = SIGMA_DATA, noise_label_scale: float = NOISE_LABEL_SCALE
+        self,
+        inner: nn.Module,
+        sigma_data: float = SIGMA_DATA,
+        noise_label_scale: float = NOISE_LABEL_SCALE,
+        offset_noise: float = 0.0,
     ) -> None:
         super().__init__()
         _check_sigma_data(sigma_data)
         self.inner, self.sigma_data, self.noise_label_scale = inner, sigma_data, noise_label_scale
+        self.offset_noise = offset_noise
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)  # the skip connection in float32 under bf16 autocast
         sigma = torch.as_tensor(sigma, device=x.device).to(dtype).reshape(-1).expand(x.shape[0])
+        sigma = effective_sigma(sigma, self.offset_noise)
         c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in edm_coefficients(sigma, self.sigma_data))
         raw = self.inner((c_in * x.to(dtype)).to(x.dtype), c_noise.flatten() * self.noise_label_scale, **cond)
         return c_skip * x.to(dtype) + c_out * raw.to(dtype)
@@ -67,11 +82,13 @@ class EDMLoss:
     and FlowMatchingLoss are (the conditioning as `extra_args`, optional per-pixel weights), so a model swaps the three
     without changing its training step."""
 
-    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = SIGMA_DATA) -> None:
+    def __init__(
+        self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = SIGMA_DATA, offset_noise: float = 0.0
+    ) -> None:
         if not p_std > 0:
             raise ValueError(f"p_std must be > 0, got {p_std}")
         _check_sigma_data(sigma_data)
-        self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
+        self.p_mean, self.p_std, self.sigma_data, self.offset_noise = p_mean, p_std, sigma_data, offset_noise
 
     def per_sample(
         self,
@@ -82,14 +99,16 @@ class EDMLoss:
         pixel_weight: torch.Tensor | None = None,
         extra_args: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
-        """The loss of each sample for given sigma [N] and noise; pixel_weight (broadcastable to x0, mean 1 per sample)
-        multiplies the squared error before the mean over pixels."""
+        """The loss of each sample for given sigma [N] and noise; the input is x0 + sigma noise (offset noise comes
+        inside `noise`, divided by sigma) and the weight uses effective_sigma. pixel_weight (broadcastable to x0, mean 1
+        per sample) multiplies the squared error before the mean over pixels."""
         dtype = torch.promote_types(x0.dtype, torch.float32)  # reduce in >= float32 under bf16 autocast
         noisy = x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * noise
         squared = (model(noisy, sigma, **(extra_args or {})).to(dtype) - x0.to(dtype)).pow(2)
         if pixel_weight is not None:
             squared = squared * pixel_weight.to(dtype)
-        return edm_loss_weight(sigma.to(dtype), self.sigma_data) * squared.reshape(x0.shape[0], -1).mean(dim=1)
+        weight = edm_loss_weight(effective_sigma(sigma.to(dtype), self.offset_noise), self.sigma_data)
+        return weight * squared.reshape(x0.shape[0], -1).mean(dim=1)
 
     def __call__(
         self,
@@ -103,8 +122,11 @@ class EDMLoss:
         gen_device = generator.device if generator is not None else x0.device
         log_sigma = self.p_mean + self.p_std * torch.randn(x0.shape[0], generator=generator, device=gen_device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
-        sigma, noise = log_sigma.exp().to(x0.device), noise.to(x0.device)
-        return self.per_sample(model, x0, sigma, noise, pixel_weight, extra_args).mean()
+        # DIAMOND's x0 + offset + sigma n, written as x0 + sigma (n + offset / sigma) for per_sample.
+        offsets = channel_offsets(x0.shape, self.offset_noise, generator, gen_device, x0.dtype)
+        sigma = log_sigma.exp()
+        noise = noise + offsets / append_dims(sigma.to(x0.dtype), x0.ndim)
+        return self.per_sample(model, x0, sigma.to(x0.device), noise.to(x0.device), pixel_weight, extra_args).mean()
 
 
 def _check_sigma_data(sigma_data: float) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from gen_lightning.diffusion.noise import training_noise
 from gen_lightning.diffusion.ode_samplers import ODESampler
 from gen_lightning.diffusion.utils import append_dims
 
@@ -83,12 +84,13 @@ class FlowMatchingLoss:
         logit_std: float = 1.0,
         shift: float = 1.0,
         time_scale: float = FLOW_TIME_SCALE,
+        offset_noise: float = 0.0,
     ) -> None:
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time sampling {time_sampling!r}; valid: {', '.join(TIME_SAMPLINGS)}")
         shift_time(torch.zeros(1), shift)  # validates shift
         self.time_sampling, self.logit_mean, self.logit_std = time_sampling, logit_mean, logit_std
-        self.shift, self.time_scale = shift, time_scale
+        self.shift, self.time_scale, self.offset_noise = shift, time_scale, offset_noise
 
     def per_sample(
         self,
@@ -117,12 +119,13 @@ class FlowMatchingLoss:
         pixel_weight: torch.Tensor | None = None,
         extra_args: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
-        """Scalar loss with t from the configured law and eps ~ N(0, I); `generator` makes both reproducible."""
+        """Scalar loss with t from the configured law and eps ~ N(0, I) (plus the offset noise); `generator` makes
+        both reproducible."""
         t = sample_flow_time(
             x0.shape[0], self.time_sampling, self.logit_mean, self.logit_std, self.shift, generator, x0.device
         )
         gen_device = generator.device if generator is not None else x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+        noise = training_noise(x0.shape, self.offset_noise, generator, gen_device, x0.dtype).to(x0.device)
         return self.per_sample(model, x0, t, noise, pixel_weight, extra_args).mean()
 
 

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from gen_lightning.diffusion.forward import q_sample
+from gen_lightning.diffusion.noise import training_noise
 from gen_lightning.diffusion.parameterization import check_prediction_type, training_target
 from gen_lightning.diffusion.schedule import NoiseSchedule
 
@@ -38,6 +39,7 @@ class DiffusionLoss:
         prediction_type: str = "epsilon",
         weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
+        offset_noise: float = 0.0,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
@@ -47,6 +49,7 @@ class DiffusionLoss:
         self.prediction_type = check_prediction_type(prediction_type)
         self.weighting = weighting
         self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
 
     def weight(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Per-sample loss weight on t's device."""
@@ -85,8 +88,9 @@ class DiffusionLoss:
         pixel_weight: torch.Tensor | None = None,
         extra_args: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
-        """Scalar loss with t ~ U{0..T-1} and eps ~ N(0, I); `generator` makes both reproducible (any device)."""
+        """Scalar loss with t ~ U{0..T-1} and eps ~ N(0, I) (plus the offset noise); `generator` makes both
+        reproducible (any device)."""
         gen_device = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=gen_device)
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
+        noise = training_noise(x0.shape, self.offset_noise, generator, gen_device, x0.dtype)
         return self.per_sample(model, x0, t.to(x0.device), noise.to(x0.device), pixel_weight, extra_args).mean()

@@ -63,6 +63,10 @@ class DiffusionModel(GenerativeModule):
             default_sigma_data, 0.5 for images in [-1, 1]; the resolved value is saved).
         p_mean / p_std: edm's training noise levels, ln sigma ~ N(p_mean, p_std^2).
         sigma_min / sigma_max / rho: the Karras sigmas (EDM eq. 5) that edm_euler and edm_heun step through.
+        offset_noise: every objective's: the standard deviation of a per-sample, per-channel constant added to the
+            training noise (offset noise, Guttenberg 2023; DIAMOND uses 0.3), so the model learns to change an
+            image's overall colour. edm's coefficients and loss weight then see sqrt(sigma^2 + offset_noise^2), as
+            DIAMOND's do. 0 (the default) draws exactly the noise drawn without the option.
         lr / weight_decay / adam_betas / warmup_steps / lr_schedule: AdamW with linear warm-up, then "constant" or
             "cosine" decay to 10% over the run.
         ema_max_decay / ema_power: EMA with warm-up (see nn.ema); samples come from the EMA weights.
@@ -101,6 +105,7 @@ class DiffusionModel(GenerativeModule):
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         rho: float = 7.0,
+        offset_noise: float = 0.0,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -125,6 +130,8 @@ class DiffusionModel(GenerativeModule):
         for key, value in arguments.items():
             self.hparams.setdefault(key, value)
         check_objective(objective, self.hparams)
+        if offset_noise < 0:
+            raise UserInputError(f"model.offset_noise={offset_noise} must be >= 0")
         if objective == "edm" and sigma_data is None:  # checkpoints record the value trained with
             self.hparams["sigma_data"] = self.default_sigma_data
         self.hparams["sampler"] = sampler or DEFAULT_SAMPLER[objective]  # checkpoints name the sampler they used

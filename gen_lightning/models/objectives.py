@@ -58,13 +58,17 @@ def check_objective(objective: str, options: Mapping[str, Any]) -> None:
 
 def objective_loss(objective: str, options: Mapping[str, Any], schedule: NoiseSchedule) -> Any:
     """The training loss, called as loss(net, x0, generator=, pixel_weight=, extra_args=) whatever the objective."""
+    offset = options.get("offset_noise", 0.0)  # every objective's option; absent from older checkpoints
     if objective == "flow":
         return FlowMatchingLoss(
-            options["time_sampling"], options["logit_mean"], options["logit_std"], options["time_shift"]
-        )
+            options["time_sampling"], options["logit_mean"], options["logit_std"], options["time_shift"],
+            offset_noise=offset,
+        )  # fmt: skip
     if objective == "edm":
-        return EDMLoss(options["p_mean"], options["p_std"], options["sigma_data"])
-    return DiffusionLoss(schedule, options["prediction_type"], options["loss_weighting"], options["min_snr_gamma"])
+        return EDMLoss(options["p_mean"], options["p_std"], options["sigma_data"], offset_noise=offset)
+    return DiffusionLoss(
+        schedule, options["prediction_type"], options["loss_weighting"], options["min_snr_gamma"], offset_noise=offset
+    )
 
 
 def objective_network(objective: str, options: Mapping[str, Any], network: nn.Module) -> nn.Module:
@@ -72,7 +76,8 @@ def objective_network(objective: str, options: Mapping[str, Any], network: nn.Mo
     EDMPrecond(network) for edm (keys under `inner.`, conditioning passed through as keyword arguments), else
     `network` itself."""
     if objective == "edm":
-        return EDMPrecond(network, sigma_data=options["sigma_data"])
+        # The coefficients see the offset noise's variance (DIAMOND), in training and sampling alike.
+        return EDMPrecond(network, sigma_data=options["sigma_data"], offset_noise=options.get("offset_noise", 0.0))
     return network
 
 
