@@ -210,16 +210,19 @@ def test_raw_input_and_target_have_unit_variance_for_data_of_sigma_data() -> Non
         assert float(((x0 - c_skip * noisy) / c_out).var()) == pytest.approx(1.0, abs=0.02)
 
 
+class RawNet(nn.Module):
+    """A raw EDM network F(scaled input, noise label) whose output depends on both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1).double()
+
+    def forward(self, scaled: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.conv(scaled) * (1 + 0.1 * torch.tanh(label / 1000)).reshape(-1, 1, 1, 1)
+
+
 def test_edm_loss_is_the_unit_weight_mse_of_the_raw_network() -> None:
-    class Raw(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1).double()
-
-        def forward(self, scaled: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-            return self.conv(scaled) * (1 + 0.1 * torch.tanh(label / 1000)).reshape(-1, 1, 1, 1)
-
-    raw = Raw()
+    raw = RawNet()
     model = EDMPrecond(raw)
     x0, noise, sigma = _noise(5, 3, 4, 4), _noise(5, 3, 4, 4, seed=1), SIGMAS
     noisy = x0 + sigma.reshape(-1, 1, 1, 1) * noise

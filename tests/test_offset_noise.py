@@ -11,6 +11,7 @@ from gen_lightning.diffusion.edm import edm_coefficients
 from gen_lightning.diffusion.noise import training_noise
 from gen_lightning.errors import UserInputError
 from gen_lightning.models import DiffusionModel
+from tests.test_flow_math import RawNet
 from tests.test_model_samplers import UNET
 
 OFFSET = 0.5
@@ -68,16 +69,8 @@ def test_edm_with_offset_noise_is_edm_at_the_effective_sigma() -> None:
     """EDMPrecond and EDMLoss with offset o at sigma are the plain ones at sqrt(sigma^2 + o^2): the raw network's input
     and target keep unit variance, and the loss stays its unit-weight MSE."""
 
-    class Raw(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1).double()
-
-        def forward(self, scaled: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-            return self.conv(scaled) * (1 + 0.1 * torch.tanh(label / 1000)).reshape(-1, 1, 1, 1)
-
     torch.manual_seed(0)
-    raw = Raw()
+    raw = RawNet()
     sigma = torch.tensor([0.01, 0.3, 1.0, 5.0, 40.0], dtype=torch.float64)
     effective = (sigma**2 + OFFSET**2).sqrt()
     x0, noise = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randn(5, 3, 4, 4, dtype=torch.float64)
