@@ -107,6 +107,8 @@ def evaluate_main(args: Sequence[str]) -> None:
     results, images = evaluator(model, Reference.from_datamodule(data, "evaluate"), ns.num_samples, generator)
     report = {**results, **evaluator.report(model), "num_samples": ns.num_samples, "seed": ns.seed,
               "image_size": image_size, "checkpoint": str(ns.ckpt), "data": ns.data}  # fmt: skip
+    if ns.guide_ckpt is not None:
+        report["guide_checkpoint"] = str(ns.guide_ckpt)
     folder = Path(ns.out).parent if ns.out else Path.cwd()  # a world model's strips go next to the report
     for name, image in images.items():
         report.setdefault("strips", {})[name] = str(save_image_atomic(image, folder / f"world_{name}.png"))

@@ -27,7 +27,7 @@ from gen_lightning.diffusion.flow import (
     x0_from_velocity,
 )
 from gen_lightning.diffusion.forward import q_posterior_mean_variance, q_sample
-from gen_lightning.diffusion.guidance import CFGDenoiser, classifier_free_guidance
+from gen_lightning.diffusion.guidance import AutoGuidanceDenoiser, CFGDenoiser, classifier_free_guidance
 from gen_lightning.diffusion.karras import karras_sigmas, sigma_to_timestep, vp_noise_levels, vp_sigmas
 from gen_lightning.diffusion.losses import WEIGHTINGS, DiffusionLoss, min_snr_weight
 from gen_lightning.diffusion.ode_samplers import EulerSampler, HeunSampler, ODESampler
@@ -73,6 +73,7 @@ __all__ = [
     "TIME_SAMPLINGS",
     "VP_SAMPLER_NAMES",
     "WEIGHTINGS",
+    "AutoGuidanceDenoiser",
     "CFGDenoiser",
     "DDIMSampler",
     "DDPMSampler",

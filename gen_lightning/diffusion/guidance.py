@@ -54,3 +54,28 @@ class CFGDenoiser(nn.Module):
         out = self.net(torch.cat([x, x]), torch.cat([t, t]), **_cat_context(dict(cond), dict(uncond)))
         cond_out, uncond_out = out.chunk(2)
         return classifier_free_guidance(cond_out, uncond_out, self.weight)
+
+
+class AutoGuidanceDenoiser(nn.Module):
+    """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): the network's
+    output extrapolated away from a weaker network's, `guide + w (net - guide)`, for the samplers.
+
+    The weaker network (an earlier checkpoint of the same run, or a smaller model trained the same way) makes the
+    same kinds of errors as the main one, only more of them, so the difference points away from them. Unlike
+    classifier-free guidance it needs no condition, so it also guides unconditional models. Both networks take the same
+    arguments `(x, t, **cond)` and return the same parameterisation (eps, v, x0, velocity or EDM's denoised image,
+    all affine in one another for a given x_t), so the combination is the same in every one of them. With weight == 1
+    the weaker network is not called.
+    """
+
+    def __init__(self, net: nn.Module, guide: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.net = net
+        self.guide = guide
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        out = self.net(x, t, **cond)
+        if self.weight == 1:
+            return out
+        return classifier_free_guidance(out, self.guide(x, t, **cond), self.weight)

@@ -20,7 +20,11 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     help_text = "default: the model's; flow_* for models trained with objective=flow, edm_* for edm, the others for vp"
     parser.add_argument("--sampler", choices=ALL_SAMPLER_NAMES, default=None, help=help_text)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight (model default)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight (model "
+                        "default); with --guide-ckpt, the autoguidance weight")  # fmt: skip
+    parser.add_argument("--guide-ckpt", default=None, help="autoguidance (Karras et al. 2024): a weaker checkpoint of "
+                        "the same model, e.g. an earlier one of the same run, that --guidance W extrapolates away "
+                        "from (unconditional image models)")  # fmt: skip
     add_clip_sample_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="images generated at once")
@@ -51,11 +55,20 @@ def apply_clip_sample(model: GenerativeModule, ns: argparse.Namespace) -> None:
 
 
 def load_for_sampling(ns: argparse.Namespace) -> GenerativeModule:
-    """The checkpoint's model on --device, with --clip-sample applied."""
+    """The checkpoint's model on --device, with --clip-sample applied and the --guide-ckpt model set as its guide."""
+    from gen_lightning.errors import UserInputError
     from gen_lightning.models.loading import load_model
 
     model = load_model(ns.ckpt).to(ns.device)
     apply_clip_sample(model, ns)
+    if getattr(ns, "guide_ckpt", None) is not None:
+        if ns.guidance is None:
+            raise UserInputError("--guide-ckpt needs --guidance W, the autoguidance weight (1: no guidance; 1.5-3)")
+        if not hasattr(model, "set_autoguidance"):
+            raise UserInputError(f"--guide-ckpt: {ns.ckpt} holds a {type(model).__name__}, which has no sampler")
+        guide = load_model(ns.guide_ckpt).to(ns.device)
+        apply_clip_sample(guide, ns)
+        model.set_autoguidance(guide)
     return model
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from gen_lightning.diffusion import (
+    AutoGuidanceDenoiser,
     CFGDenoiser,
     NoiseSchedule,
     Sampler,
@@ -39,6 +40,13 @@ from gen_lightning.models.objectives import (
 from gen_lightning.nn.dit import DiTConfig
 from gen_lightning.nn.ema import EMA
 from gen_lightning.nn.unet import UNetConfig
+
+# What makes two models' outputs comparable: the same noising process, parameterisation and sample shape. A guide
+# that differs in one of them would be combined in another space than it was trained in.
+GUIDE_MUST_MATCH = (
+    "objective", "schedule", "num_timesteps", "zero_terminal_snr", "prediction_type", "sigma_data", "time_shift",
+    "image_size",
+)  # fmt: skip
 
 
 class DiffusionModel(GenerativeModule):
@@ -143,6 +151,7 @@ class DiffusionModel(GenerativeModule):
         self.loss_fn = objective_loss(objective, self.hparams, self.schedule)
         self.make_sampler()  # fail at construction, not after an hour of training, on a bad sampler setting
         self.sample_shape = (unet_config.in_channels, image_size, image_size)  # what the sampler draws
+        self.set_autoguidance(None)
 
     def wrap_network(self, net: torch.nn.Module) -> None:
         """`net` (holding the backbone, net(x_t, t, **cond)) becomes the trained network, inside the objective's
@@ -249,6 +258,32 @@ class DiffusionModel(GenerativeModule):
         eta = {"eta": hparams.eta} if hparams.sampler == "ddim" else {}
         return {"sampler": hparams.sampler, "steps": hparams.sample_steps, **eta, "clip_sample": hparams.clip_sample}
 
+    def set_autoguidance(self, guide: DiffusionModel | None) -> None:
+        """Guide sampling with a weaker version of this model (autoguidance, Karras et al. 2024; see
+        diffusion.AutoGuidanceDenoiser): `sample(..., guidance=w)` then returns `guide + w (self - guide)` at every
+        network call, from both models' EMA weights. The guide is typically an earlier checkpoint of the same run: it
+        must share the class, objective, parameterisation and sample shape (refused by name otherwise). It is not a
+        submodule: it is not saved, trained or moved with this model. None removes it."""
+        if guide is not None:
+            if type(guide) is not type(self) or self.kind != "image":
+                raise UserInputError(
+                    f"autoguidance: a {type(self).__name__} can be guided by another {type(self).__name__} of an "
+                    f"unconditional image model; got a {type(guide).__name__} (not supported for text-to-image and "
+                    "world models yet)"
+                )
+            for key in GUIDE_MUST_MATCH:
+                if guide.hparams.get(key) != self.hparams.get(key):
+                    raise UserInputError(
+                        f"autoguidance: the guide's {key}={guide.hparams.get(key)!r} differs from the model's "
+                        f"{self.hparams.get(key)!r}; the guide must be trained the same way (an earlier checkpoint)"
+                    )
+            if tuple(guide.sample_shape) != tuple(self.sample_shape):
+                raise UserInputError(
+                    f"autoguidance: the guide draws {tuple(guide.sample_shape)}, the model {tuple(self.sample_shape)}"
+                )
+            guide.requires_grad_(False).eval()
+        object.__setattr__(self, "autoguide", guide)  # bypasses nn.Module: not a submodule, not in the state dict
+
     @torch.no_grad()
     def draw(
         self,
@@ -263,9 +298,12 @@ class DiffusionModel(GenerativeModule):
     ) -> torch.Tensor:
         """n draws of shape `sample_shape` from x_T ~ N(0, I), in eval mode, by the EMA network called as
         `net(x_t, t, **cond)`; with `uncond` (the unconditional branch's arguments), classifier-free guided with
-        weight `guidance`. (Sampling from the raw weights: `ema.copy_from(net)` first.)"""
+        weight `guidance`; with an autoguidance model set (set_autoguidance), guided by it with that weight instead.
+        (Sampling from the raw weights: `ema.copy_from(net)` first.)"""
         denoiser, extra_args = self.ema.shadow, dict(cond or {})
-        if uncond is not None:
+        if self.autoguide is not None:
+            denoiser = AutoGuidanceDenoiser(self.ema.shadow, self.autoguide.ema.shadow, guidance)
+        elif uncond is not None:
             denoiser, extra_args = CFGDenoiser(self.ema.shadow, guidance), {"cond": cond, "uncond": uncond}
         sampler = self.resolve_sampler(sampler)
         noise = gaussian_noise((n, *self.sample_shape), generator, self.device)
@@ -285,7 +323,14 @@ class DiffusionModel(GenerativeModule):
         sampler: str | Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """n images in [-1, 1], NCHW (GenerativeModule.sample). Unconditional: no cond, no guidance."""
-        if cond is not None or guidance is not None:
-            raise ValueError(f"{type(self).__name__} is unconditional: sample() takes no cond and no guidance")
-        return self.draw(n, steps=steps, sampler=sampler, generator=generator).clamp(-1, 1)
+        """n images in [-1, 1], NCHW (GenerativeModule.sample). Unconditional: no cond; `guidance` only with an
+        autoguidance model set (set_autoguidance; None: 1, unguided)."""
+        if cond is not None:
+            raise ValueError(f"{type(self).__name__} is unconditional: sample() takes no cond")
+        if guidance is not None and self.autoguide is None:
+            raise ValueError(
+                f"{type(self).__name__} is unconditional: guidance needs an autoguidance model (set_autoguidance; "
+                "`--guide-ckpt` on the command line)"
+            )
+        weight = 1.0 if guidance is None else guidance
+        return self.draw(n, guidance=weight, steps=steps, sampler=sampler, generator=generator).clamp(-1, 1)
