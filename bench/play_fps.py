@@ -1,10 +1,10 @@
-"""Frames per second of `gen-lightning play` with each sampler setting, against the world model's default (DDIM, 20
-steps), in the same run: the time of PlaySession.step (one generated frame per action, as the page calls it).
+"""Frames per second of `gen-lightning play` with each sampler setting, against the first setting (the world model's
+default: EDM Euler, 3 steps), in the same run: the time of PlaySession.step (one generated frame per action, as the page calls it).
 
 The network is `make world`'s (configs/world_model_ui.yaml, 64×64, 4 context frames) with untrained weights: the cost
 of a frame does not depend on the weights, so this needs no trained checkpoint (pass --ckpt to time one anyway).
 
-    .venv/bin/python -m bench.play_fps --settings ddim:20 dpm++:4 dpm++:8 ddim:4 euler:4 --frames 20
+    .venv/bin/python -m bench.play_fps --settings edm_euler:3 edm_euler:6 edm_heun:3 --frames 20
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def frame_seconds(model: WorldModel, sampler: str, steps: int, frames: int) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", nargs="+", default=["ddim:20", "dpm++:4", "dpm++:8", "ddim:4"])
+    parser.add_argument("--settings", nargs="+", default=["edm_euler:3", "edm_euler:6", "edm_heun:3"])
     parser.add_argument("--frames", type=int, default=20, help="frames timed per setting (after one warm-up)")
     parser.add_argument("--ckpt", default=None, help="a trained WorldModel checkpoint instead of the untrained one")
     parser.add_argument("--repeats", type=int, default=2, help="passes over all settings (interleaved)")
