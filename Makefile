@@ -38,8 +38,8 @@ $(DATA)/manifest.json: | setup
 # The main job: emoji shards -> ~10 CPU-minutes of DDPM training -> sample grid + W&B offline run.
 demo: setup $(DATA)/manifest.json
 	$(VENV)/bin/gen-lightning fit --config configs/ddpm_emoji.yaml --trainer.default_root_dir $(RUN)
-	$(VENV)/bin/gen-lightning sample --ckpt $(RUN)/checkpoints/last.ckpt --n 64 --sampler ddim --steps 50 \
-		--out $(RUN)/samples.png
+	$(VENV)/bin/gen-lightning sample --ckpt $(RUN)/checkpoints/last.ckpt --n 64 --sampler dpm++ --steps 10 \
+		--guide-ckpt $(RUN)/checkpoints/step=400.ckpt --guidance 2 --out $(RUN)/samples.png
 	@echo "sample grid: $(RUN)/samples.png   W&B offline run: $(RUN)/wandb/"
 
 # Few steps (~15 CPU-minutes after `make demo`): progressive distillation of the demo's model from 64 DDIM steps to 1

@@ -1,5 +1,6 @@
 """Frames per second of `gen-lightning play` with each sampler setting, against the first setting (the world model's
-default: EDM Euler, 3 steps), in the same run: the time of PlaySession.step (one generated frame per action, as the page calls it).
+default: EDM Euler, 3 steps), in the same run: the time of PlaySession.step (one generated frame per action, as the
+page calls it).
 
 The network is `make world`'s (configs/world_model_ui.yaml, 64×64, 4 context frames) with untrained weights: the cost
 of a frame does not depend on the weights, so this needs no trained checkpoint (pass --ckpt to time one anyway).
