@@ -91,9 +91,15 @@ def test_legacy_latent_diffusion_samples_as_before(name, guidance, expected):
     close(images, expected[f"{name}/sample_w{guidance:g}"])
 
 
+# Configs whose recipe changed after the fixtures were written, and the file that now holds the recipe they were
+# trained with (a checkpoint resumes only under its own objective).
+RECIPE_MOVED_TO = {"configs/world_model_ui.yaml": "configs/world_model_ui_vp.yaml"}
+
+
 def fit_args(name: str, root: Path, shards: dict[str, Path]) -> list[str]:
     """The fixture's own fit (README.json) on data of the same kind, without its step limit."""
     fit = json.loads((LEGACY / "README.json").read_text())["fits"][name]
+    config = RECIPE_MOVED_TO.get(fit["config"], fit["config"])
     common = [
         arg for arg in json.loads((LEGACY / "README.json").read_text())["common_fit_args"] if "max_steps" not in arg
     ]
@@ -104,7 +110,7 @@ def fit_args(name: str, root: Path, shards: dict[str, Path]) -> list[str]:
     return [
         "fit",
         "--config",
-        str(REPO / fit["config"]),
+        str(REPO / config),
         f"--trainer.default_root_dir={root}",
         *data,
         *common,
