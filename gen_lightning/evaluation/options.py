@@ -65,7 +65,7 @@ def load_for_sampling(ns: argparse.Namespace) -> GenerativeModule:
         if ns.guidance is None:
             raise UserInputError("--guide-ckpt needs --guidance W, the autoguidance weight (1: no guidance; 1.5-3)")
         if not hasattr(model, "set_autoguidance"):
-            raise UserInputError(f"--guide-ckpt: {ns.ckpt} holds a {type(model).__name__}, which has no sampler")
+            raise UserInputError(f"--guide-ckpt: {ns.ckpt} holds a {type(model).__name__}, not a diffusion model")
         guide = load_model(ns.guide_ckpt).to(ns.device)
         apply_clip_sample(guide, ns)
         model.set_autoguidance(guide)
