@@ -69,6 +69,12 @@ def load_for_sampling(ns: argparse.Namespace) -> GenerativeModule:
         guide = load_model(ns.guide_ckpt).to(ns.device)
         apply_clip_sample(guide, ns)
         model.set_autoguidance(guide)
+    elif getattr(ns, "guidance", None) is not None and hasattr(model, "set_autoguidance") and model.kind == "image":
+        # An unconditional diffusion model has no classifier-free branch: its only guidance is autoguidance.
+        raise UserInputError(
+            f"--guidance: {ns.ckpt} is an unconditional {type(model).__name__}; its guidance is autoguidance, which "
+            "needs --guide-ckpt (a weaker checkpoint of the same run, e.g. an earlier one)"
+        )
     return model
 
 
