@@ -99,5 +99,5 @@ def test_sample_takes_a_guide_checkpoint(tmp_path, capsys):
     assert pixels["zero"] == pixels["guide"] and pixels["two"] not in (pixels["own"], pixels["guide"])
     with pytest.raises(UserInputError, match=r"--guide-ckpt needs --guidance W"):
         main([*guided, f"--out={tmp_path / 'x.png'}"])
-    with pytest.raises(UserInputError, match=r"--guidance: .*model.ckpt is an unconditional DiffusionModel.*--guide-ckpt"):
+    with pytest.raises(UserInputError, match=r"--guidance: .*is an unconditional DiffusionModel.*--guide-ckpt"):
         main(["sample", f"--ckpt={model_ckpt}", *common, "--guidance=2", f"--out={tmp_path / 'x.png'}"])
