@@ -36,7 +36,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gen_lightning.data.decode import ImageTransform, SkipCounter, decode_and_batch, read_tar_samples
+from gen_lightning.data.decode import (
+    ImageTransform,
+    SkipCounter,
+    decode_and_batch,
+    drain_skipped,
+    read_tar_samples,
+)
+from gen_lightning.data.oversample import OversampleRule, check_rules_match, oversampled, parse_rules
 from gen_lightning.data.urls import ShardPatternError, expand_pattern, split_urls
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,7 @@ class TrainStream(IterableDataset):
         require_caption: bool = False,
         max_skips_in_a_row: int | None = None,
         source: str = "data.train",
+        oversample: tuple[OversampleRule, ...] = (),
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -85,6 +93,7 @@ class TrainStream(IterableDataset):
         self.require_caption = require_caption
         self.max_skips_in_a_row = max_skips_in_a_row
         self.source = source
+        self.oversample = oversample
         self.epoch = 0  # advances inside each (persistent) worker; a fresh worker would otherwise replay epoch 0
 
     def __len__(self) -> int:
@@ -112,6 +121,8 @@ class TrainStream(IterableDataset):
 
         skips = SkipCounter(self.source, self.max_skips_in_a_row)  # endless stream: must not spin on bad data
         samples = read_tar_samples(resampled_shards(), skips)
+        if self.oversample:
+            samples = oversampled(samples, self.oversample, rng)
         if self.shuffle_buffer > 1:
             samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
         batches = decode_and_batch(samples, self.transform, self.batch_size, rng, False, skips, self.require_caption)
@@ -198,6 +209,8 @@ class ShardDataModule(L.LightningDataModule):
             captions (text-to-image, CLIP); unconditional models keep such samples, with caption "".
         max_skips_in_a_row: training stops with an error naming data.train after this many unusable samples in a
             row (the resampled stream is endless: data with nothing usable would otherwise hang the run).
+        oversample: `{"field=value": factor}` on the samples' json member, e.g. `{"kind=click": 3}`: matching
+            training samples are drawn `factor` times as often (data.oversample; epochs keep their length).
     """
 
     def __init__(
@@ -215,6 +228,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         require_captions: bool | None = None,
         max_skips_in_a_row: int = 10_000,
+        oversample: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -231,6 +245,8 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.require_captions = require_captions
         self.max_skips_in_a_row = max_skips_in_a_row
+        self.oversample = parse_rules(oversample)
+        self._oversample_checked = False
         self.resumed_at = 0
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
@@ -254,6 +270,8 @@ class ShardDataModule(L.LightningDataModule):
             self.train_urls = expand_pattern(split_urls(self.train, "train"))
             if stage in (None, "fit") and self.samples_per_epoch is None:
                 self.samples_per_epoch = self._manifest_count(self.train, "train")
+            if stage in (None, "fit") and self.oversample and not self._oversample_checked:
+                self._check_oversample_rules()
         if self.val:
             self.val_urls = expand_pattern(split_urls(self.val, "val"))
             self._check_every_rank_gets_val_samples()
@@ -274,6 +292,16 @@ class ShardDataModule(L.LightningDataModule):
                 f"{counts.index(0)} of {world} without val samples (validation would wait for it forever); use more "
                 "val samples or fewer ranks"
             )
+
+    def _check_oversample_rules(self) -> None:
+        """Read the first training shard's metadata once: a rule on a field it lacks is refused by name, and the
+        mix the rules make is logged."""
+        first = self.train_urls[0]
+        samples = read_tar_samples([{"url": first}], SkipCounter(f"data.train={self.train!r}"))
+        line, every_rule_matched = check_rules_match(self.oversample, samples, first)
+        drain_skipped()  # a bad sample here is counted when training reads it, not twice
+        (log.info if every_rule_matched else log.warning)(line)
+        self._oversample_checked = True
 
     @staticmethod
     def _manifest_count(source: str, split: str) -> int:
@@ -302,6 +330,7 @@ class ShardDataModule(L.LightningDataModule):
             require_caption=self.captions_required(),
             max_skips_in_a_row=self.max_skips_in_a_row,
             source=f"data.train={self.train!r}",
+            oversample=self.oversample,
         )
         return self._loader(stream)
 
