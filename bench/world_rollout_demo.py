@@ -80,10 +80,16 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--sampler", default=None, help="sampler name (default: the model's), e.g. dpm++ or edm_euler")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps per frame (default: the model's)")
+    parser.add_argument("--guide-ckpt", default=None, help="autoguidance: an earlier checkpoint of the same run")
+    parser.add_argument("--guidance", type=float, default=None, help="the autoguidance weight (with --guide-ckpt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=int, default=2)
     ns = parser.parse_args()
+    if (ns.guide_ckpt is None) != (ns.guidance is None):
+        parser.error("--guide-ckpt and --guidance go together")
     model = load_model(ns.ckpt, expected=WorldModel)
+    if ns.guide_ckpt is not None:
+        model.set_autoguidance(load_model(ns.guide_ckpt, expected=WorldModel))
     model.make_sampler(ns.sampler)  # a sampler that does not fit the model's objective fails before the recording
     size, context = int(model.hparams.image_size), int(model.hparams.context_frames)
     samples = record(size, context)
@@ -91,8 +97,9 @@ def main() -> None:
     actions = torch.stack([s["action"] for s in samples])[None]
     generator = torch.Generator().manual_seed(ns.seed)
     predicted = model.rollout(
-        samples[0]["frames"][None], actions, steps=ns.steps, sampler=ns.sampler, generator=generator
-    )[0]
+        samples[0]["frames"][None], actions, steps=ns.steps, guidance=ns.guidance, sampler=ns.sampler,
+        generator=generator,
+    )[0]  # fmt: skip
     strip(real, predicted, ns.scale).save(ns.out)
     model_psnr, copy_psnr = psnr(predicted, real), psnr(samples[0]["frames"][-1:].expand_as(real), real)
     print(f"wrote {ns.out}")

@@ -1,17 +1,22 @@
 """Autoguidance (Karras et al. 2024): a model's samples guided by a weaker checkpoint of itself, `guide + w (net -
-guide)` at every network call; in the model (set_autoguidance) and on the command line (--guide-ckpt)."""
+guide)` at every network call; in the model (set_autoguidance) and on the command line (--guide-ckpt), for
+unconditional image models and world models."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from PIL import Image
 
+from gen_lightning.actions import encode_action
 from gen_lightning.cli import main
 from gen_lightning.diffusion import AutoGuidanceDenoiser
 from gen_lightning.errors import UserInputError
 from gen_lightning.models import DiffusionModel
-from tests.conftest import save_checkpoint
+from gen_lightning.models.world_model import NextFrame, WorldModel
+from tests.conftest import WORLD_CONTEXT, WORLD_SIZE, save_checkpoint
 from tests.test_world_model import tiny_world_model
 
 UNET = {"channels": [8, 16], "attention_levels": [], "num_heads": 2}
@@ -101,3 +106,63 @@ def test_sample_takes_a_guide_checkpoint(tmp_path, capsys):
         main([*guided, f"--out={tmp_path / 'x.png'}"])
     with pytest.raises(UserInputError, match=r"--guidance: .*is an unconditional DiffusionModel.*--guide-ckpt"):
         main(["sample", f"--ckpt={model_ckpt}", *common, "--guidance=2", f"--out={tmp_path / 'x.png'}"])
+
+
+# --- world models ----------------------------------------------------------------------------------------------------
+def perturbed_world(seed: int, **options) -> WorldModel:
+    """A tiny world model (tests/test_world_model.py) whose EMA network gives some output, different for each seed."""
+    model = tiny_world_model(**options)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.ema.copy_from(model.net)
+    return model.eval()
+
+
+def test_a_world_model_is_guided_by_a_weaker_world_model():
+    model, guide = perturbed_world(0), perturbed_world(1)
+    torch.manual_seed(2)
+    frames = torch.rand(2, WORLD_CONTEXT, 3, WORLD_SIZE, WORLD_SIZE) * 2 - 1
+    actions = torch.stack([encode_action({"x": 0.3, "y": 0.6, "button": 1, "click": 1, "key": "a"})] * 2)
+
+    def next_frame(world: WorldModel, **options) -> torch.Tensor:
+        return world.sample(2, NextFrame(frames, actions), generator=torch.Generator().manual_seed(0), **options)
+
+    def rolled_out(world: WorldModel, **options) -> torch.Tensor:
+        steps = actions[:, None].expand(2, 3, -1)
+        return world.rollout(frames, steps, generator=torch.Generator().manual_seed(0), **options)
+
+    own, guides, guides_rollout = next_frame(model), next_frame(guide), rolled_out(guide)
+    with pytest.raises(ValueError, match=r"guidance needs an autoguidance model"):
+        next_frame(model, guidance=2.0)
+    model.set_autoguidance(guide)
+    assert torch.equal(next_frame(model, guidance=1.0), own) and torch.equal(next_frame(model), own)
+    torch.testing.assert_close(next_frame(model, guidance=0.0), guides)
+    assert (next_frame(model, guidance=2.0) - own).abs().max() > 1e-3
+    torch.testing.assert_close(rolled_out(model, guidance=0.0), guides_rollout)
+    # a guide that reads other inputs or diffuses another target is refused by the option that differs
+    for option, value in (("click_maps", True), ("target", "delta"), ("cursor_sigma", 3.0)):
+        with pytest.raises(UserInputError, match=rf"the guide's {option}={value!r} differs"):
+            model.set_autoguidance(perturbed_world(1, **{option: value}))
+
+
+def test_evaluate_guides_a_world_model_with_guide_ckpt(toy_world, tmp_path, capsys):
+    model_ckpt = save_checkpoint(perturbed_world(0), tmp_path / "model.ckpt")
+    guide_ckpt = save_checkpoint(perturbed_world(1), tmp_path / "guide.ckpt")
+    common = [f"--data={toy_world[1]}", "--num-samples=4", "--rollouts=1", "--rollout-steps=2", "--max-real=8",
+              "--num-workers=0", f"--cache-dir={tmp_path / 'cache'}"]  # fmt: skip
+
+    def report(name: str, *args: str) -> dict:
+        main(["evaluate", *args, *common, f"--out={tmp_path / name / 'report.json'}"])
+        return json.loads((tmp_path / name / "report.json").read_text())
+
+    guides = report("guide", f"--ckpt={guide_ckpt}")
+    at_zero = report("zero", f"--ckpt={model_ckpt}", f"--guide-ckpt={guide_ckpt}", "--guidance=0")
+    assert at_zero["guidance"] == 0.0 and at_zero["guide_checkpoint"] == str(guide_ckpt)
+    for key in ("psnr", "ssim", "rollout_psnr", "fid"):  # weight 0 samples the guide's frames
+        assert at_zero[key] == pytest.approx(guides[key], rel=1e-4), key
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a weight without a guide is refused, as before
+        main(["evaluate", f"--ckpt={model_ckpt}", *common, "--guidance=2"])
+    assert "--guidance: not used for a world model" in capsys.readouterr().err

@@ -85,11 +85,13 @@ def evaluate_main(args: Sequence[str]) -> None:
     options = {"weights": ns.weights, "cache_dir": ns.cache_dir, "max_real": ns.max_real, "batch_size": ns.batch_size,
                "steps": ns.steps, "sampler": ns.sampler}  # fmt: skip
     if model.kind == "next-frame":  # scored on held-out episodes: one-step predictions and rollouts
-        unused = [flag for flag, given in (("--guidance", ns.guidance is not None), ("--clip", ns.clip is not None),
+        unguided = ns.guidance is not None and ns.guide_ckpt is None
+        unused = [flag for flag, given in (("--guidance", unguided), ("--clip", ns.clip is not None),
                                            ("--no-kid", ns.no_kid)) if given]  # fmt: skip
         if unused:
-            parser.error(f"{', '.join(unused)}: not used for a world model ({ns.ckpt}); it reports FID without KID")
-        options.update(rollouts=ns.rollouts, rollout_steps=ns.rollout_steps)
+            parser.error(f"{', '.join(unused)}: not used for a world model ({ns.ckpt}) without --guide-ckpt; it "
+                         "reports FID without KID")  # fmt: skip
+        options.update(rollouts=ns.rollouts, rollout_steps=ns.rollout_steps, guidance=ns.guidance)
     else:
         options.update(kid=not ns.no_kid, clip=ns.clip, guidance=ns.guidance)
     evaluator = evaluator_for(model, **options)

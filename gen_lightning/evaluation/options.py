@@ -24,7 +24,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                         "default); with --guide-ckpt, the autoguidance weight")  # fmt: skip
     parser.add_argument("--guide-ckpt", default=None, help="autoguidance (Karras et al. 2024): a weaker checkpoint of "
                         "the same model, e.g. an earlier one of the same run, that --guidance W extrapolates away "
-                        "from (unconditional image models)")  # fmt: skip
+                        "from (unconditional image models and world models)")  # fmt: skip
     add_clip_sample_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="images generated at once")

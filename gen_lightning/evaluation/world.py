@@ -38,6 +38,7 @@ class WorldEvaluator:
             True: always (an error where the frames are too small to read); False: never.
         batch_size: val samples predicted at once. strips: rows in the one-step strip.
         steps / sampler: sampling settings (None: the model's defaults).
+        guidance: the autoguidance weight, for a model with a guide set (set_autoguidance); None: unguided.
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class WorldEvaluator:
         strips: int = 8,
         steps: int | None = None,
         sampler: str | None = None,
+        guidance: float | None = None,
     ) -> None:
         self.fid = (
             FIDAgainstReference(kid=False, weights=weights, cache_dir=cache_dir, max_real=max_real) if fid else None
@@ -64,7 +66,7 @@ class WorldEvaluator:
         self.ui_metrics = ui_metrics
         self.ui_reason = "not decided yet: no evaluation has run"
         self.batch_size, self.strips = batch_size, strips
-        self.sampling: dict[str, Any] = {"steps": steps, "sampler": sampler}
+        self.sampling: dict[str, Any] = {"steps": steps, "sampler": sampler, "guidance": guidance}
 
     def setup(self, model: Any) -> None:
         if model.kind != "next-frame":

@@ -10,7 +10,7 @@ EDMPrecond around the conditioned network (`inner_net`), called as net(x, sigma,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,6 +50,7 @@ GUIDE_MUST_MATCH = (
 
 
 class DiffusionModel(GenerativeModule):
+    guide_must_match: ClassVar[tuple[str, ...]] = GUIDE_MUST_MATCH
     """Unconditional pixel-space diffusion.
 
     Args:
@@ -265,13 +266,13 @@ class DiffusionModel(GenerativeModule):
         must share the class, objective, parameterisation and sample shape (refused by name otherwise). It is not a
         submodule: it is not saved, trained or moved with this model. None removes it."""
         if guide is not None:
-            if type(guide) is not type(self) or self.kind != "image":
+            if type(guide) is not type(self) or self.kind not in ("image", "next-frame"):
                 raise UserInputError(
                     f"autoguidance: a {type(self).__name__} can be guided by another {type(self).__name__} of an "
-                    f"unconditional image model; got a {type(guide).__name__} (not supported for text-to-image and "
-                    "world models yet)"
+                    f"unconditional image model or a world model; got a {type(guide).__name__} (not supported for "
+                    "text-to-image models yet)"
                 )
-            for key in GUIDE_MUST_MATCH:
+            for key in self.guide_must_match:
                 if guide.hparams.get(key) != self.hparams.get(key):
                     raise UserInputError(
                         f"autoguidance: the guide's {key}={guide.hparams.get(key)!r} differs from the model's "

@@ -43,7 +43,7 @@ import torch
 from gen_lightning.actions import ACTION_DIM, encode_action
 from gen_lightning.diffusion import Sampler
 from gen_lightning.errors import UserInputError
-from gen_lightning.models.diffusion import DiffusionModel
+from gen_lightning.models.diffusion import GUIDE_MUST_MATCH, DiffusionModel
 from gen_lightning.nn.unet import UNetConfig
 from gen_lightning.nn.world_unet import WorldUNet
 
@@ -83,6 +83,9 @@ class WorldModel(DiffusionModel):
     """
 
     kind = "next-frame"
+    # A guide (autoguidance) is called with this model's conditioning: it must read the same frames, pointer maps and
+    # target.
+    guide_must_match = (*GUIDE_MUST_MATCH, "context_frames", "target", "click_maps", "cursor_sigma")
     format_1_renames = (("unet.", "net.unet."), ("ema.shadow.", "ema.shadow.unet."))
 
     def __init__(
@@ -211,10 +214,14 @@ class WorldModel(DiffusionModel):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """n next frames [n, 3, H, W] in [-1, 1] after `cond` (context frames and actions); None: the stored start
-        screen with the cursor resting at the centre (GenerativeModule.sample). No guidance. The context noise (at
-        sample_context_noise) is drawn from `generator` before x_T."""
-        if guidance is not None:
-            raise ValueError("WorldModel has no classifier-free guidance: sample() takes no guidance")
+        screen with the cursor resting at the centre (GenerativeModule.sample). `guidance` only with an autoguidance
+        model set (set_autoguidance; None: 1, unguided). The context noise (at sample_context_noise) is drawn from
+        `generator` before x_T."""
+        if guidance is not None and self.autoguide is None:
+            raise ValueError(
+                "WorldModel has no classifier-free guidance: guidance needs an autoguidance model (set_autoguidance; "
+                "`--guide-ckpt` on the command line)"
+            )
         if cond is None:
             cond = NextFrame(self.start_context(n), [NULL_ACTION] * n)
         if not isinstance(cond, NextFrame):
@@ -225,7 +232,8 @@ class WorldModel(DiffusionModel):
         network_cond = self.condition(
             {"frames": frames, "action": cond.encoded_action().to(self.device)}, False, generator
         )
-        sampled = self.draw(n, network_cond, steps=steps, sampler=sampler, generator=generator)
+        weight = 1.0 if guidance is None else guidance
+        sampled = self.draw(n, network_cond, guidance=weight, steps=steps, sampler=sampler, generator=generator)
         return self.to_frame(sampled, frames)
 
     @torch.no_grad()
@@ -235,16 +243,16 @@ class WorldModel(DiffusionModel):
         actions: torch.Tensor,
         *,
         steps: int | None = None,
+        guidance: float | None = None,
         sampler: str | Sampler | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Autoregressive rollout: [N, T, 3, H, W] frames for actions [N, T, A], each step's prediction appended to
         the context of the next (the first context is `frames` [N, K, 3, H, W]). Sampling options as sample()."""
         context, predicted = frames, []
+        options = {"steps": steps, "guidance": guidance, "sampler": sampler, "generator": generator}
         for step in range(actions.shape[1]):
-            frame = self.sample(
-                len(frames), NextFrame(context, actions[:, step]), steps=steps, sampler=sampler, generator=generator
-            )
+            frame = self.sample(len(frames), NextFrame(context, actions[:, step]), **options)
             predicted.append(frame)
             context = torch.cat([context[:, 1:], frame[:, None]], 1)
         return torch.stack(predicted, 1)
