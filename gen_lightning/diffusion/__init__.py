@@ -27,8 +27,19 @@ from gen_lightning.diffusion.flow import (
     x0_from_velocity,
 )
 from gen_lightning.diffusion.forward import q_posterior_mean_variance, q_sample
-from gen_lightning.diffusion.guidance import AutoGuidanceDenoiser, CFGDenoiser, classifier_free_guidance
-from gen_lightning.diffusion.karras import karras_sigmas, sigma_to_timestep, vp_noise_levels, vp_sigmas
+from gen_lightning.diffusion.guidance import (
+    AutoGuidanceDenoiser,
+    CFGDenoiser,
+    GuidanceInterval,
+    classifier_free_guidance,
+)
+from gen_lightning.diffusion.karras import (
+    karras_sigmas,
+    sigma_to_timestep,
+    timestep_to_sigma,
+    vp_noise_levels,
+    vp_sigmas,
+)
 from gen_lightning.diffusion.losses import WEIGHTINGS, DiffusionLoss, min_snr_weight
 from gen_lightning.diffusion.ode_samplers import EulerSampler, HeunSampler, ODESampler
 from gen_lightning.diffusion.parameterization import (
@@ -87,6 +98,7 @@ __all__ = [
     "FlowEulerSampler",
     "FlowHeunSampler",
     "FlowMatchingLoss",
+    "GuidanceInterval",
     "HeunSampler",
     "NoiseSchedule",
     "ODESampler",
@@ -115,6 +127,7 @@ __all__ = [
     "shift_time",
     "sigma_to_timestep",
     "spaced_timesteps",
+    "timestep_to_sigma",
     "to_x0_and_eps",
     "training_target",
     "v_from_eps",

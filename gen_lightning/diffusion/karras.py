@@ -55,6 +55,15 @@ def sigma_to_timestep(sigma: torch.Tensor, schedule_sigmas: torch.Tensor) -> tor
     return low + weight.clamp(0, 1)
 
 
+def timestep_to_sigma(timestep: torch.Tensor, schedule_sigmas: torch.Tensor) -> torch.Tensor:
+    """The noise level of a (fractional) timestep: the inverse of sigma_to_timestep, log sigma interpolated linearly
+    between the training steps around it; float64."""
+    t = torch.as_tensor(timestep, dtype=torch.float64).clamp(0, len(schedule_sigmas) - 1)
+    low = t.floor().long().clamp(max=len(schedule_sigmas) - 2)
+    log_table = schedule_sigmas.to(t.device).log()
+    return torch.lerp(log_table[low], log_table[low + 1], t - low).exp()
+
+
 def vp_noise_levels(
     schedule: NoiseSchedule,
     num_steps: int,

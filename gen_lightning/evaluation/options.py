@@ -25,6 +25,10 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guide-ckpt", default=None, help="autoguidance (Karras et al. 2024): a weaker checkpoint of "
                         "the same model, e.g. an earlier one of the same run, that --guidance W extrapolates away "
                         "from (unconditional image models and world models)")  # fmt: skip
+    parser.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LOW", "HIGH"), default=None,
+                        help="guide only at noise levels LOW < sigma <= HIGH (EDM's sigma for every "
+                        "objective; Kynkäänniemi et al. 2024: 0.28 5.42); default: the model's, else at every "
+                        "level")  # fmt: skip
     add_clip_sample_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="images generated at once")
@@ -55,12 +59,14 @@ def apply_clip_sample(model: GenerativeModule, ns: argparse.Namespace) -> None:
 
 
 def load_for_sampling(ns: argparse.Namespace) -> GenerativeModule:
-    """The checkpoint's model on --device, with --clip-sample applied and the --guide-ckpt model set as its guide."""
+    """The checkpoint's model on --device, with --clip-sample and --guidance-interval applied and the --guide-ckpt
+    model set as its guide."""
     from gen_lightning.errors import UserInputError
     from gen_lightning.models.loading import load_model
 
     model = load_model(ns.ckpt).to(ns.device)
     apply_clip_sample(model, ns)
+    apply_guidance_interval(model, ns)
     if getattr(ns, "guide_ckpt", None) is not None:
         if ns.guidance is None:
             raise UserInputError("--guide-ckpt needs --guidance W, the autoguidance weight (1: no guidance; 1.5-3)")
@@ -76,6 +82,26 @@ def load_for_sampling(ns: argparse.Namespace) -> GenerativeModule:
             "needs --guide-ckpt (a weaker checkpoint of the same run, e.g. an earlier one)"
         )
     return model
+
+
+def apply_guidance_interval(model: GenerativeModule, ns: argparse.Namespace) -> None:
+    """--guidance-interval LOW HIGH over the checkpoint's guidance_interval; refused by name where nothing is guided:
+    a model that is not a diffusion model, or an unconditional one without --guide-ckpt."""
+    from gen_lightning.errors import UserInputError
+
+    interval = getattr(ns, "guidance_interval", None)
+    if interval is None:
+        return
+    flag = f"--guidance-interval {interval[0]:g} {interval[1]:g}"
+    if not hasattr(model, "guidance_interval"):
+        raise UserInputError(f"{flag}: {ns.ckpt} holds a {type(model).__name__}, not a diffusion model")
+    if model.kind in ("image", "next-frame") and getattr(ns, "guide_ckpt", None) is None:
+        raise UserInputError(f"{flag}: {ns.ckpt} is guided only by autoguidance, which needs --guide-ckpt")
+    model.hparams.guidance_interval = list(interval)
+    try:
+        model.guidance_interval()
+    except UserInputError as err:
+        raise UserInputError(f"{flag}: {err.__cause__}") from err
 
 
 def default_device() -> str:

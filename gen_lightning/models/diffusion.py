@@ -17,6 +17,7 @@ import torch
 from gen_lightning.diffusion import (
     AutoGuidanceDenoiser,
     CFGDenoiser,
+    GuidanceInterval,
     NoiseSchedule,
     Sampler,
     build_edm_sampler,
@@ -24,7 +25,10 @@ from gen_lightning.diffusion import (
     build_sampler,
     gaussian_noise,
     sample_loop,
+    timestep_to_sigma,
+    vp_sigmas,
 )
+from gen_lightning.diffusion.flow import FLOW_TIME_SCALE
 from gen_lightning.errors import UserInputError
 from gen_lightning.models.backbones import build_backbone
 from gen_lightning.models.base import GenerativeModule
@@ -82,6 +86,8 @@ class DiffusionModel(GenerativeModule):
         sampler / sample_steps / eta / clip_sample: defaults of `sample()`. sampler: one of ALL_SAMPLER_NAMES that
             fits the objective (None: ddim for vp, flow_euler for flow, edm_heun for edm); eta is DDIM's;
             clip_sample bounds the predicted x0 of the vp samplers.
+        guidance_interval: (low, high): classifier-free guidance or autoguidance only at noise levels
+            low < sigma <= high (diffusion.GuidanceInterval; sigma on EDM's axis for every objective); None: at all.
         channels_last: NHWC memory layout for the UNet (faster convolutions on CPU and on tensor cores).
         compile: torch.compile the UNet in place (same parameter names, so checkpoints are unchanged; the first steps
             pay the compilation).
@@ -126,6 +132,7 @@ class DiffusionModel(GenerativeModule):
         sample_steps: int = 50,
         eta: float = 0.0,
         clip_sample: float | None = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         channels_last: bool = False,
         compile: bool = False,
         fused_adamw: bool = True,
@@ -151,6 +158,7 @@ class DiffusionModel(GenerativeModule):
         self.schedule = NoiseSchedule.from_name(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
         self.loss_fn = objective_loss(objective, self.hparams, self.schedule)
         self.make_sampler()  # fail at construction, not after an hour of training, on a bad sampler setting
+        self.guidance_interval()  # and on a bad guidance interval
         self.sample_shape = (unet_config.in_channels, image_size, image_size)  # what the sampler draws
         self.set_autoguidance(None)
 
@@ -251,13 +259,47 @@ class DiffusionModel(GenerativeModule):
 
     def sampling_defaults(self) -> dict[str, Any]:
         hparams = self.hparams
+        settings: dict[str, Any] = {"sampler": hparams.sampler, "steps": hparams.sample_steps}
         if self.objective == "flow":
-            return {"sampler": hparams.sampler, "steps": hparams.sample_steps, "time_shift": hparams.time_shift}
+            settings["time_shift"] = hparams.time_shift
+        elif self.objective == "edm":
+            settings.update({key: hparams[key] for key in ("sigma_min", "sigma_max", "rho")})
+        else:
+            settings.update({"eta": hparams.eta} if hparams.sampler == "ddim" else {})
+            settings["clip_sample"] = hparams.clip_sample
+        if (interval := self.guidance_interval()) is not None:
+            settings["guidance_interval"] = [interval.low, interval.high]
+        return settings
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's time argument as EDM's sigma, the noise-to-signal ratio (float64), the one axis on which a
+        guidance interval is given for every objective: vp timesteps through the schedule, flow's t / (1 - t), edm's
+        sigma itself."""
+        t = torch.as_tensor(t, dtype=torch.float64)
         if self.objective == "edm":
-            sigmas = {key: hparams[key] for key in ("sigma_min", "sigma_max", "rho")}
-            return {"sampler": hparams.sampler, "steps": hparams.sample_steps, **sigmas}
-        eta = {"eta": hparams.eta} if hparams.sampler == "ddim" else {}
-        return {"sampler": hparams.sampler, "steps": hparams.sample_steps, **eta, "clip_sample": hparams.clip_sample}
+            return t
+        if self.objective == "flow":
+            time = t / FLOW_TIME_SCALE
+            return time / (1 - time)  # inf at t = 1, pure noise
+        return timestep_to_sigma(t, vp_sigmas(self.schedule))
+
+    def guidance_interval(self) -> GuidanceInterval | None:
+        """hparams.guidance_interval as a GuidanceInterval (None: guide at every noise level); a bad pair names the
+        option. Checkpoints from before the option have none."""
+        interval = self.hparams.get("guidance_interval")
+        if interval is None:
+            return None
+        try:
+            low, high = (float(value) for value in interval)
+            return GuidanceInterval(low, high)
+        except (TypeError, ValueError) as err:
+            raise UserInputError(f"model.guidance_interval={interval!r}: expected [low, high] sigmas, {err}") from err
+
+    def _guided_at(self) -> Any:
+        interval = self.guidance_interval()
+        if interval is None:
+            return None
+        return lambda t: interval.contains(self.noise_level(t))
 
     def set_autoguidance(self, guide: DiffusionModel | None) -> None:
         """Guide sampling with a weaker version of this model (autoguidance, Karras et al. 2024; see
@@ -303,9 +345,10 @@ class DiffusionModel(GenerativeModule):
         (Sampling from the raw weights: `ema.copy_from(net)` first.)"""
         denoiser, extra_args = self.ema.shadow, dict(cond or {})
         if self.autoguide is not None:
-            denoiser = AutoGuidanceDenoiser(self.ema.shadow, self.autoguide.ema.shadow, guidance)
+            denoiser = AutoGuidanceDenoiser(self.ema.shadow, self.autoguide.ema.shadow, guidance, self._guided_at())
         elif uncond is not None:
-            denoiser, extra_args = CFGDenoiser(self.ema.shadow, guidance), {"cond": cond, "uncond": uncond}
+            denoiser = CFGDenoiser(self.ema.shadow, guidance, self._guided_at())
+            extra_args = {"cond": cond, "uncond": uncond}
         sampler = self.resolve_sampler(sampler)
         noise = gaussian_noise((n, *self.sample_shape), generator, self.device)
         with self.evaluating():
