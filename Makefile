@@ -39,7 +39,8 @@ $(DATA)/manifest.json: | setup
 demo: setup $(DATA)/manifest.json
 	$(VENV)/bin/gen-lightning fit --config configs/ddpm_emoji.yaml --trainer.default_root_dir $(RUN)
 	$(VENV)/bin/gen-lightning sample --ckpt $(RUN)/checkpoints/last.ckpt --n 64 --sampler dpm++ --steps 10 \
-		--guide-ckpt $(RUN)/checkpoints/step=400.ckpt --guidance 2 --out $(RUN)/samples.png
+		--guide-ckpt $(RUN)/checkpoints/step=400.ckpt --guidance 4 --guidance-interval 0.28 5.42 \
+		--out $(RUN)/samples.png
 	@echo "sample grid: $(RUN)/samples.png   W&B offline run: $(RUN)/wandb/"
 
 # Few steps (~15 CPU-minutes after `make demo`): progressive distillation of the demo's model from 64 DDIM steps to 1
