@@ -64,7 +64,8 @@ def _meta(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def copies_of(raw: Mapping[str, Any], rules: Iterable[OversampleRule], rng: random.Random) -> int:
-    factor = math.prod(rule.factor for rule in rules if rule.matches(_meta(raw)))
+    meta = _meta(raw)
+    factor = math.prod(rule.factor for rule in rules if rule.matches(meta))
     whole = int(factor)
     return whole + (rng.random() < factor - whole)
 
