@@ -9,7 +9,7 @@ EDMPrecond around the conditioned network (`inner_net`), called as net(x, sigma,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -54,7 +54,6 @@ GUIDE_MUST_MATCH = (
 
 
 class DiffusionModel(GenerativeModule):
-    guide_must_match: ClassVar[tuple[str, ...]] = GUIDE_MUST_MATCH
     """Unconditional pixel-space diffusion.
 
     Args:
@@ -96,6 +95,7 @@ class DiffusionModel(GenerativeModule):
 
     format_1_renames = (("unet.", "net."),)
     default_sigma_data = 0.5  # EDM's value for images in [-1, 1]
+    guide_must_match: ClassVar[tuple[str, ...]] = GUIDE_MUST_MATCH
 
     def __init__(
         self,
@@ -295,7 +295,7 @@ class DiffusionModel(GenerativeModule):
         except (TypeError, ValueError) as err:
             raise UserInputError(f"model.guidance_interval={interval!r}: expected [low, high] sigmas, {err}") from err
 
-    def _guided_at(self) -> Any:
+    def _guided_at(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         interval = self.guidance_interval()
         if interval is None:
             return None
