@@ -12,7 +12,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,7 +237,7 @@ def decode_sample(
             tensor = transform(image, rng)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"{image_key} is not a decodable image ({err})") from err
-    sample = {"image": tensor, "caption": caption, "meta": _metadata(raw), "__key__": raw.get("__key__", "")}
+    sample = {"image": tensor, "caption": caption, "meta": sample_metadata(raw), "__key__": raw.get("__key__", "")}
     if LATENT_KEY in raw:  # pre-encoded shards (data.latent_source)
         sample["latent"] = _latent(raw[LATENT_KEY])
     if CONTEXT_KEY in raw or ACTION_KEY in raw:  # world-model shards
@@ -302,7 +302,7 @@ def _latent(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32))
 
 
-def _metadata(raw: dict[str, Any]) -> dict[str, Any]:
+def sample_metadata(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The sample's `json` member (emoji group/subgroup, source info) as a dict; {} when there is none."""
     data = raw.get("json")
     if data is None:

@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
+from gen_lightning.data.decode import sample_metadata
 from gen_lightning.errors import UserInputError
 
 OPTION = "data.oversample"
+# Samples of the first training shard that setup reads to check the rules (a shard may be large, or remote).
+CHECKED_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,11 @@ def parse_rules(rules: Mapping[str, float] | None) -> tuple[OversampleRule, ...]
 
 
 def _meta(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The raw sample's json member, or {} where it is missing or unreadable (the decoder skips and counts those)."""
-    data = raw.get("json")
+    """The raw sample's json member, or {} where it is unreadable (the decoder skips and counts those)."""
     try:
-        meta = json.loads(data) if isinstance(data, bytes | str) else data
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return sample_metadata(raw)
+    except ValueError:
         return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def copies_of(raw: Mapping[str, Any], rules: Iterable[OversampleRule], rng: random.Random) -> int:
@@ -82,10 +83,12 @@ def oversampled(
 def check_rules_match(
     rules: tuple[OversampleRule, ...], samples: Iterable[dict[str, Any]], where: str
 ) -> tuple[str, bool]:
-    """Refuse a rule whose field no sample of `samples` (e.g. the first training shard) has: a misspelt field would
-    otherwise oversample nothing, silently. Returns a summary line (each rule with the share of samples it matches,
-    and that share in the oversampled stream) and whether every rule matched some sample (a value may be rare)."""
-    metas = [_meta(raw) for raw in samples]
+    """Refuse a rule whose field none of the first CHECKED_SAMPLES of `samples` (e.g. the first training shard) has:
+    a misspelt field would otherwise oversample nothing, silently. Returns a summary line (each rule with the share of
+    samples it matches, and that share in the oversampled stream) and whether every rule matched some sample (a value
+    may be rare)."""
+    metas = [_meta(raw) for raw in islice(samples, CHECKED_SAMPLES)]
+    where = f"the first {len(metas)} of {where}"
     for rule in rules:
         if not any(rule.field in meta for meta in metas):
             fields = sorted({field for meta in metas for field in meta})
@@ -94,14 +97,14 @@ def check_rules_match(
             )
     weights = [math.prod(rule.factor for rule in rules if rule.matches(meta)) for meta in metas]
     total = sum(weights) or 1.0
-    parts = []
+    parts, every_rule_matched = [], True
     for rule in rules:
         matching = [rule.matches(meta) for meta in metas]
         before = sum(matching) / len(metas)
         after = sum(w for w, m in zip(weights, matching, strict=True) if m) / total
         parts.append(f"{rule}: {before:.0%} of the samples, {after:.0%} of the stream")
         if not any(matching):
-            values = Counter(_as_text(meta[rule.field]) for meta in metas if rule.field in meta)
-            parts[-1] += f" (no sample has this value; values there: {sorted(values)})"
-    every_rule_matched = all(any(rule.matches(meta) for meta in metas) for rule in rules)
+            every_rule_matched = False
+            values = sorted({_as_text(meta[rule.field]) for meta in metas if rule.field in meta})
+            parts[-1] += f" (no sample has this value; values there: {values})"
     return f"{OPTION} (measured on {where}): " + "; ".join(parts), every_rule_matched
