@@ -395,7 +395,7 @@ class ShardDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if self.num_workers > 0 else None,
-            worker_init_fn=functools.partial(die_with_parent, _expected_parent()) if self.num_workers > 0 else None,
+            worker_init_fn=functools.partial(init_loader_worker, _expected_parent()) if self.num_workers > 0 else None,
         )
 
 
@@ -419,8 +419,27 @@ def _expected_parent() -> int | None:
     return None if method == "forkserver" else os.getpid()
 
 
+# What a scheduler sends a job's every process before killing it: SLURM signals all processes of a job step at its
+# time limit, on scancel and on preemption (SIGTERM), and ahead of the end with `--signal=SIGUSR1@90` (SlurmRequeue's).
+JOB_END_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def init_loader_worker(parent: int | None, worker_id: int) -> None:
+    """worker_init_fn: the worker ignores the job-end signals and dies with its parent.
+
+    The fit saves its step on SIGTERM and its requeue checkpoint on SIGUSR1 (callbacks/checkpoint.py, requeue.py).
+    A worker killed by the same signal, sent to the whole job (SLURM, `kill -- -PGID`), turned that into PyTorch's
+    "DataLoader worker is killed by signal: Terminated" in the main process: a traceback, and no checkpoint, so the
+    steps since the last periodic one were lost. The main process ends its workers when it is done with them, and
+    the kernel kills them if it dies first (die_with_parent).
+    """
+    for signum in JOB_END_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    die_with_parent(parent, worker_id)
+
+
 def die_with_parent(parent: int | None, worker_id: int) -> None:
-    """worker_init_fn: the kernel kills this worker when the process that started it dies, however it dies.
+    """The kernel kills this loader worker when the process that started it dies, however it dies.
 
     PyTorch's workers look for their parent only between batches (every 5 s when idle), so a worker blocked in a read
     (a stalled `pipe:` or network shard) outlived a SIGKILLed or OOM-killed fit for as long as the read blocked,
