@@ -19,11 +19,17 @@ if TYPE_CHECKING:
 LOG_FORMAT = "%(levelname)s: %(message)s"
 LIGHTNING_LOGGER = "lightning"
 
-# Lightning's rank-zero INFO lines that carry nothing about the run.
-QUIET_LIGHTNING_INFO = (
+# Lightning's INFO lines that carry nothing about the run or are untrue here, by the logger that writes them.
+QUIET_LIGHTNING_INFO = {
     # An advertisement for another logging service, printed at every Trainer start.
-    "💡 Tip: For seamless cloud logging",
-)
+    "lightning.pytorch.utilities.rank_zero": ("💡 Tip: For seamless cloud logging",),
+    # In a SLURM job, from every rank: SIGUSR1 is SlurmRequeue's (Lightning finds it set and leaves it alone), and
+    # SIGTERM is not bypassed: fit stops at the next batch and saves its step (callbacks/checkpoint.py).
+    "lightning.pytorch.trainer.connectors.signal_connector": (
+        "SLURM auto-requeueing enabled. Setting signal handlers.",
+        "Bypassing SIGTERM",
+    ),
+}
 
 # (message regex, module regex): `module` is where warnings.warn attributes the warning. Each says why it is safe.
 IGNORED_WARNINGS = (
@@ -72,8 +78,15 @@ def _not_printed_by_lightning(record: logging.LogRecord) -> bool:
     return True
 
 
-def _not_quiet_lightning_info(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(QUIET_LIGHTNING_INFO)
+class _WithoutMessages(logging.Filter):
+    """Drops the records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
 
 
 def configure_logging() -> None:
@@ -90,9 +103,10 @@ def configure_logging() -> None:
     ours = logging.getLogger("gen_lightning")
     if ours.level == logging.NOTSET:
         ours.setLevel(logging.INFO)
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _not_quiet_lightning_info not in rank_zero.filters:
-        rank_zero.addFilter(_not_quiet_lightning_info)
+    for name, prefixes in QUIET_LIGHTNING_INFO.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, _WithoutMessages) for existing in logger.filters):
+            logger.addFilter(_WithoutMessages(prefixes))
 
 
 def silence_inapplicable_warnings() -> None:

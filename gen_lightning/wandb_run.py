@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import netrc
 import os
 import sys
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+log = logging.getLogger("gen_lightning")
 
 
 def wandb_has_credentials() -> bool:
@@ -39,6 +45,26 @@ class WandbLogger(LightningWandbLogger):
             del self._wandb_init["anonymous"]  # read only when the run is created, just below
         return super().experiment
 
+    # A scheduler's SIGTERM reaches every process of the job, wandb's service process (wandb-core) too, which exits on
+    # it even when the signal is ignored. The next log call then raises ConnectionResetError, possibly before fit has
+    # stopped and saved its step. Logging stops instead, with one warning; training goes on to its checkpoint.
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._unless_service_gone(super().log_metrics, metrics, step)
+
+    def log_image(self, key: str, images: list[Any], step: int | None = None, **kwargs: Any) -> None:
+        self._unless_service_gone(super().log_image, key, images, step, **kwargs)
+
+    def _unless_service_gone(self, call: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_service_gone", False):
+            return
+        try:
+            call(*args, **kwargs)
+        except ConnectionError as error:  # ConnectionResetError, BrokenPipeError: the socket to wandb-core is closed
+            self._service_gone = True
+            log.warning("W&B: lost wandb's service process (%s: %s); this run logs nothing more. A SIGTERM to the "
+                        "whole job (a time limit, preemption, scancel) ends it; what was logged before is kept",
+                        type(error).__name__, error)  # fmt: skip
+
 
 def finish_wandb(trainer) -> None:
     """Close the W&B run when the command ends, so its files are complete when `gen-lightning fit` returns (and when
@@ -56,3 +82,16 @@ def finish_wandb(trainer) -> None:
             finished = True
     if finished and wandb.run is None:
         wandb.teardown()
+
+
+def close_wandb_after_sigterm() -> None:
+    """Fit stopped on SIGTERM: close W&B now rather than in wandb's exit hook. After a SIGTERM to the whole job, its
+    service process has ended already (what it had received is in the run's files) and the hook would print a
+    ConnectionResetError traceback; when the signal came to this process only, this finishes the run and waits for
+    its files, as finish_wandb does."""
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    with contextlib.suppress(ConnectionError):
+        wandb.teardown()  # unregisters the exit hook first

@@ -143,6 +143,40 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_same_wandb_run(slurm,
     assert logged_steps(second) and min(logged_steps(second)) >= hpc_step, info()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_job_saves_the_step_reached_with_loader_workers_running(slurm, toy_shards, tmp_path):
+    """What preemption (PreemptMode=REQUEUE) and the time limit send: SIGTERM to every process of the job's steps,
+    the data-loader workers included. Each rank stops at its next batch end and rank 0 saves `last` at that step;
+    a worker killed by the signal used to fail the fit ("DataLoader worker is killed by signal") before it saved."""
+    every = 50
+    args = fit_args(
+        toy_shards,
+        "--trainer.max_steps=100000",
+        f"--checkpoint.every_n_train_steps={every}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--data.num_workers=1",  # per rank, after fit_args' 0: the last value wins
+    )
+    job, output = submit(slurm, tmp_path, "slurm/single_node.sbatch", "configs/ddpm_emoji.yaml", *args)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    info = lambda: diagnostics(slurm, job, output)  # noqa: E731 (evaluated only when an assertion fails)
+
+    assert wait_for_file(slurm, job, last, timeout=180), info()
+    time.sleep(2.0)  # some steps past the periodic checkpoint
+    slurm.run("scancel", "--signal=TERM", job)  # the job steps' processes, as the scheduler's own SIGTERM
+    assert slurm.wait_until_gone(job, timeout=120), info()
+
+    log = output.read_text(errors="replace")
+    saved = re.search(r"SIGTERM: saved (\S+) at step (\d+)", log)
+    assert saved is not None and "DataLoader worker" not in log, info()
+    # A clean console: no traceback (from the fit or from wandb's exit hook), no Lightning line saying it ignores it.
+    assert "Traceback" not in log and "Bypassing SIGTERM" not in log, info()
+    assert int(saved.group(2)) > every and step_of(last) == int(saved.group(2)), info()
+    state = slurm.job_info(job)
+    assert state.get("JobState") == "COMPLETED" and state.get("ExitCode") == "0:0", info()
+
+
 def logged_steps(run_dir: Path) -> list[int]:
     return [row["trainer/global_step"] for row in history(run_dir) if "train/loss" in row]
 

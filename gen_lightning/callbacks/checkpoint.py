@@ -4,8 +4,12 @@ never with non-finite weights, and carrying the logger run ids so a resumed run 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
+import threading
+from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -48,6 +52,17 @@ def timer_duration(timer: Timer | None) -> float | None:
     return None if timer is None else round(timer.time_remaining() + timer.time_elapsed(), 3)
 
 
+def _flag_sigterm(trainer: L.Trainer, signum: int, frame: FrameType | None) -> None:
+    """Lightning's SIGTERM handler without its collective: note the signal, and pass it on to the ranks Lightning
+    started itself (outside SLURM), once."""
+    rank = f"[rank {trainer.global_rank}] " if trainer.world_size > 1 else ""
+    log.info("%sSIGTERM: stopping at the next batch", rank)
+    connector = trainer._signal_connector
+    if not connector.received_sigterm and trainer.strategy.launcher is not None:
+        trainer.strategy.launcher.kill(signum)
+    connector.received_sigterm = True
+
+
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose default dirpath is `<trainer.default_root_dir>/checkpoints`, and whose `last.ckpt` always
     holds the final state of a fit that ended without an error (max_steps, max_epochs, max_time, early stopping)."""
@@ -63,6 +78,17 @@ class RunCheckpoint(ModelCheckpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Replace Lightning's SIGTERM handler (registered just before this hook) with one that only sets its flag.
+
+        Lightning's handler also runs a `dist.broadcast` inside the handler, that is between any two bytecodes of
+        whatever the rank was doing. A scheduler signals every rank, each at its own point of the step, so those
+        broadcasts paired with other collectives and the ranks hung (2 gloo ranks on the test suite's Slurm). The
+        flag is enough: at each batch start Lightning broadcasts rank 0's flag, at the same point on every rank, and
+        all ranks stop together with SIGTERMException (then on_exception saves)."""
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set from there
+            signal.signal(signal.SIGTERM, functools.partial(_flag_sigterm, trainer))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["gen_lightning_run"] = {"logger_ids": logger_run_ids(trainer)}
@@ -86,9 +112,17 @@ class RunCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """SIGTERM (SLURM's time limit, a plain `kill`, a preempting scheduler) ends training through Lightning's
         SIGTERMException; keep the work done since the last periodic checkpoint in `last`. Rank 0 writes without a
-        barrier: the other ranks may already be leaving, and DDP replicas hold the same weights."""
-        if not isinstance(exception, SIGTERMException) or self.dirpath is None:
+        barrier: the other ranks may already be leaving, and DDP replicas hold the same weights.
+
+        A scheduler signals every process of the job, not only this one: a helper the same signal ended (W&B's service
+        process, a `pipe:` shard's command) can fail the step before Lightning's SIGTERMException comes. After a
+        SIGTERM that error ends training the same way, and the step reached is kept too."""
+        by_sigterm = isinstance(exception, SIGTERMException) or trainer.received_sigterm
+        if not by_sigterm or self.dirpath is None:
             return
+        if not isinstance(exception, SIGTERMException):
+            log.warning("SIGTERM: training ended by %s: %s (the signal reaches every process of the job)",
+                        type(exception).__name__, exception)  # fmt: skip
         if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):  # gathering the weights is a collective
             log.warning("SIGTERM: no checkpoint written (sharded strategy; rely on periodic/SIGUSR1 checkpoints)")
             return

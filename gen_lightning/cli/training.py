@@ -56,9 +56,11 @@ def run_lightning_cli(args: Sequence[str]) -> None:
             if leaves_no_trace(config, self.subcommand):  # Lightning itself skips config.yaml for fast_dev_run only
                 self.save_config_callback = None
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from gen_lightning.callbacks.progress import FitProgress
     from gen_lightning.callbacks.summary import ModelSummaryWithoutZeroFlops
-    from gen_lightning.wandb_run import default_wandb_mode, finish_wandb
+    from gen_lightning.wandb_run import close_wandb_after_sigterm, default_wandb_mode, finish_wandb
 
     default_wandb_mode()
     try:
@@ -76,4 +78,7 @@ def run_lightning_cli(args: Sequence[str]) -> None:
     except RunComplete as complete:
         log.info("%s", complete)
         return
+    except SIGTERMException:  # fit saved its step (callbacks/checkpoint.py); exits with status 0
+        close_wandb_after_sigterm()
+        raise
     finish_wandb(cli.trainer)
