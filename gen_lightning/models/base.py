@@ -68,6 +68,13 @@ class GenerativeModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_model(self) -> None:
+        # NHWC weights (the `channels_last` option of the image models) before the strategy wraps the model: DDP lays
+        # out its gradient buckets by the parameters' strides when it is built. Converted later (in on_fit_start, as
+        # before), every backward copied each convolution's gradient between layouts, and torch warned on each rank.
+        if self.hparams.get("channels_last"):
+            self.to(memory_format=torch.channels_last)
+
     def on_fit_start(self) -> None:
         silence_frozen_eval_warning(self)  # frozen pretrained parts are in eval mode on purpose
 

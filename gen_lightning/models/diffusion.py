@@ -176,13 +176,9 @@ class DiffusionModel(GenerativeModule):
 
     # --- training -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        super().configure_model()
         if self.hparams.compile and not getattr(self.net, "_compiled_call_impl", None):
             self.net.compile()
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        if self.hparams.channels_last:
-            self.to(memory_format=torch.channels_last)
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
         images = batch["image"]

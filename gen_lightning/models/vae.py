@@ -145,11 +145,6 @@ class VAEModel(GenerativeModule):
             )
 
     # --- training -------------------------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        if self.hparams.channels_last:
-            self.to(memory_format=torch.channels_last)
-
     def _images(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch["image"]
         if self.hparams.dequantize:
