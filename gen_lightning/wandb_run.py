@@ -35,9 +35,14 @@ def default_wandb_mode() -> None:
 
 
 class WandbLogger(LightningWandbLogger):
-    """Lightning's WandbLogger (the CLI's default logger) without the `anonymous=None` it always passes to wandb.init:
-    wandb 0.31 deprecated that setting and warns "The anonymous setting has no effect" whenever it is passed, None
-    included. Nothing else differs; the arguments are Lightning's."""
+    """Lightning's WandbLogger (the CLI's default logger), with its arguments, and two differences:
+    - without the `anonymous=None` it always passes to wandb.init: wandb 0.31 deprecated that setting and warns "The
+      anonymous setting has no effect" whenever it is passed, None included;
+    - once wandb's service process is gone (below), logging stops with one warning instead of raising."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._service_gone = False
 
     @property
     def experiment(self):
@@ -55,15 +60,15 @@ class WandbLogger(LightningWandbLogger):
         self._unless_service_gone(super().log_image, key, images, step, **kwargs)
 
     def _unless_service_gone(self, call: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-        if getattr(self, "_service_gone", False):
+        if self._service_gone:
             return
         try:
             call(*args, **kwargs)
         except ConnectionError as error:  # ConnectionResetError, BrokenPipeError: the socket to wandb-core is closed
             self._service_gone = True
             log.warning("W&B: lost wandb's service process (%s: %s); this run logs nothing more. A SIGTERM to the "
-                        "whole job (a time limit, preemption, scancel) ends it; what was logged before is kept",
-                        type(error).__name__, error)  # fmt: skip
+                        "whole job (a time limit, preemption, scancel) ends it; the run's files keep what it had "
+                        "written", type(error).__name__, error)  # fmt: skip
 
 
 def finish_wandb(trainer) -> None:
