@@ -97,6 +97,13 @@ def close_wandb_after_sigterm() -> None:
     if "wandb" not in sys.modules:
         return
     import wandb
+    from wandb.sdk.lib import module as wandb_globals
 
+    try:
+        wandb.finish()
+    except ConnectionError:
+        # The service is gone, so finish() stopped half-way with the run still current: forget it, or the next run
+        # of this process (a notebook, a test) would be handed the dead one.
+        wandb_globals.unset_globals()
     with contextlib.suppress(ConnectionError):
         wandb.teardown()  # unregisters the exit hook first

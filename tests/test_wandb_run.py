@@ -32,3 +32,9 @@ def test_logging_stops_with_one_warning_once_the_service_process_is_gone(tmp_pat
     warnings = [record.getMessage() for record in caplog.records if lost in record.getMessage()]
     assert len(warnings) == 1, caplog.text
     close_wandb_after_sigterm()  # must not raise either (it also unregisters wandb's exit hook)
+    # A later run of the same process (a notebook, the rest of this test session) starts a new service and logs.
+    again = WandbLogger(project="gen_lightning", save_dir=str(tmp_path / "again"))
+    again.log_metrics({"loss": 0.5}, step=0)
+    assert again.experiment.id != logger.experiment.id
+    assert not again._service_gone
+    close_wandb_after_sigterm()
