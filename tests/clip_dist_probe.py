@@ -41,6 +41,8 @@ def rank_main(rank: int, world: int, batch_path: str, out_dir: str, port: int, l
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+    del step  # as in distill_dist_probe: drop DDP, then leave together
+    dist.barrier()
     dist.destroy_process_group()
 
 

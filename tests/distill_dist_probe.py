@@ -46,6 +46,10 @@ def rank_main(rank: int, world: int, teacher: str, method: str, data_path: str, 
     torch.save(model.net.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"loss": float(reduced) / world}, f)
+    # Once rank 0 left, a rank still inside a collective, or tearing down its DDP reducer after the group is gone,
+    # aborted ("terminate called without an active exception", 1 CI run): drop DDP, then leave together.
+    del student
+    dist.barrier()
     dist.destroy_process_group()
 
 

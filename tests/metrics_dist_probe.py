@@ -54,6 +54,7 @@ def rank_main(rank: int, world: int, kind: str, data_path: str, out_dir: str, po
     result = KINDS[kind](rank, world, torch.load(data_path))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    dist.barrier()  # leave together (see distill_dist_probe)
     dist.destroy_process_group()
 
 
