@@ -193,6 +193,26 @@ def test_change_weight_favours_pixels_that_differ_from_the_newest_context_frame(
         tiny_world_model(change_weight=-1.0)
 
 
+@pytest.mark.parametrize("target", ["delta", "frame"])
+def test_snap_unchanged_keeps_pixels_whose_predicted_change_is_small(target):
+    frames = torch.rand(1, CONTEXT, 3, SIZE, SIZE) * 2 - 1
+    last = frames[:, -1]
+    predicted = last.clone()
+    predicted[0, 1, 3, 4] += 0.05  # drift below the threshold in one channel: snapped back
+    predicted[0, :, 6, 6] += 0.02  # in every channel, each below it: snapped back
+    predicted[0, 2, 9, 1] += 0.3  # a real change in one channel: the whole pixel is kept as predicted
+    predicted = predicted.clamp(-1, 1)
+    sampled = predicted if target == "frame" else (predicted - last) / 2
+    kept = tiny_world_model(target=target).to_frame(sampled, frames)
+    torch.testing.assert_close(kept, predicted)  # off by default
+    snapped = tiny_world_model(target=target, snap_unchanged=0.1).to_frame(sampled, frames)
+    expected = last.clone()
+    expected[0, :, 9, 1] = predicted[0, :, 9, 1]
+    torch.testing.assert_close(snapped, expected)
+    with pytest.raises(ValueError, match=r"model\.snap_unchanged"):
+        tiny_world_model(snap_unchanged=-0.1)
+
+
 def test_missing_world_members_name_the_recorder():
     model = tiny_world_model()
     with pytest.raises(UserInputError, match="shards ui"):
@@ -371,6 +391,7 @@ def test_evaluate_cli_reports_world_metrics_and_fid(world_run, toy_world, tmp_pa
             "evaluate",
             f"--ckpt={world_run / 'checkpoints' / 'last.ckpt'}",
             f"--data={toy_world[1]}",
+            f"--floor-data={toy_world[0]}",
             "--num-samples=6",
             "--rollouts=2",
             "--rollout-steps=4",
@@ -383,6 +404,8 @@ def test_evaluate_cli_reports_world_metrics_and_fid(world_run, toy_world, tmp_pa
     )
     report = json.loads(out.read_text())
     assert report["fid"] > 0 and 0 < report["psnr"] < 100 and "rollout_psnr_t04" in report
+    # Beside it, the FID of 6 real training frames against the same held-out ones: the least the FID can be here.
+    assert report["fid_floor"] > 0 and report["fid_floor"] != pytest.approx(report["fid"], rel=1e-3)
     assert report["psnr_copy_last"] > 0 and Path(report["strips"]["rollout"]).is_file()
     # The toy desktop is not the UI app: no state or text readings (tests/test_world_ui_metrics.py has them).
     assert report["ui_metrics"].startswith("off:") and not any(k.startswith(("state_", "text_")) for k in report)

@@ -97,8 +97,6 @@ def evaluate_main(args: Sequence[str]) -> None:
     evaluator = evaluator_for(model, **options)
     image_size = int(model.hparams.image_size)
     floor_shards = {"auto": train_split_of(ns.data), "none": None}.get(ns.floor_data, ns.floor_data)
-    if model.kind == "next-frame":  # its FID compares predicted with real next frames: no floor
-        floor_shards = None
     data = ShardDataModule(
         train=floor_shards, val=ns.data, image_size=image_size, batch_size=ns.batch_size, num_workers=ns.num_workers,
         require_captions=model.kind == "text-to-image",  # no Trainer to ask: an uncaptioned sample is no prompt

@@ -49,7 +49,6 @@ class GenerativeEvaluator:
         self.sampling: dict[str, Any] = {"steps": steps, "guidance": guidance, "sampler": sampler}
         self.clip_score: CLIPScore | None = None
         self.prompts: list[str] | None = None
-        self.floors: dict[int, dict[str, float]] = {}  # by sample count
 
     def setup(self, model: Any) -> None:
         """Metrics on the model's device, and the CLIP score when the model takes prompts."""
@@ -70,8 +69,7 @@ class GenerativeEvaluator:
         training images in place of samples, when the reference knows training shards); no images to show. The
         reference statistics, the floor and a text-to-image model's prompts are read at the first call."""
         self.fid.load_reference(reference, rank, world)
-        if num_samples not in self.floors:  # the metric's floor at this count, measured once
-            self.floors[num_samples] = self.fid.floor(reference, num_samples, rank, world)
+        floor = self.fid.floor(reference, num_samples, rank, world)  # the metric's floor at this count
         if self.prompts is None and model.kind == "text-to-image":
             self.prompts = val_captions(reference.batches())
         share = rank_count(num_samples, world, rank)
@@ -81,7 +79,7 @@ class GenerativeEvaluator:
             self.fid.update(images)
             if self.clip_score is not None and prompts is not None:
                 self.clip_score.update(images, prompts)
-        results = {**self.fid.compute(), **self.floors[num_samples]}  # states summed over ranks
+        results = {**self.fid.compute(), **floor}  # states summed over ranks
         if self.clip_score is not None and self.prompts is not None:
             results["clip_score"] = float(self.clip_score.compute())
             self.clip_score.reset()

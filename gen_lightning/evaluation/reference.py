@@ -142,6 +142,7 @@ class FIDAgainstReference:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.max_real = max_real
         self.cached: bool | None = None  # None until the reference is loaded
+        self.floors: dict[int, dict[str, float]] = {}  # by sample count: measured once per evaluator
 
     def to(self, device: torch.device | str) -> FIDAgainstReference:
         self.metrics.to(device)
@@ -161,7 +162,13 @@ class FIDAgainstReference:
         a small reference is biased upwards, and the floor shows by how much. The images are every k-th of the split
         in shard order (k = split size // count when the manifest gives the size), so they span it as the samples of
         a model trained on all of it do: the first `count` alone can be one corner of a sorted source (emoji-test.txt
-        order). Cached on disk like the reference statistics, keyed by both shard sets and the count."""
+        order). Cached on disk like the reference statistics, keyed by both shard sets and the count, and in memory.
+        Call it before updating with generated images: it computes (and resets) the metric."""
+        if count not in self.floors:
+            self.floors[count] = self._measure_floor(reference, count, rank, world)
+        return self.floors[count]
+
+    def _measure_floor(self, reference: Reference, count: int, rank: int, world: int) -> dict[str, float]:
         if reference.floor_batches is None or reference.floor_urls is None:
             return {}
         self.load_reference(reference, rank, world)

@@ -30,7 +30,8 @@ class WorldEvaluator:
     `rollout` (per episode a row of real frames above a row of predicted ones).
 
     Args:
-        fid / weights / cache_dir / max_real: FID of predicted frames against the val frames (FIDAgainstReference).
+        fid / weights / cache_dir / max_real: FID of predicted frames against the val frames (FIDAgainstReference),
+            beside fid_floor, that of as many real training frames when the reference knows the training shards.
         rollouts / rollout_steps: episodes rolled out over all ranks, and their length.
         cursor_tolerance: see metrics.world.WorldMetrics.
         ui_metrics: score the UI app's widget states and typed text (metrics.ui_state, metrics.ui_text). None: when
@@ -87,15 +88,17 @@ class WorldEvaluator:
     ) -> tuple[dict[str, float], dict[str, Image.Image]]:
         """`num_samples` one-step predictions over all ranks (each rank its share) and the rollouts; the FID
         reference statistics are read at the first call."""
+        floor = {}
         if self.fid is not None:
             self.fid.load_reference(reference, rank, world)
+            floor = self.fid.floor(reference, num_samples, rank, world)  # FID of real frames: the least it can be
         self.metrics.ui_app, self.ui_reason = reads_ui_app(reference, self.ui_metrics)
         rows = self.one_step(model, reference.batches(), rank_count(num_samples, world, rank), generator, rank)
         episodes = self.rollout(model, reference.batches(), -(-self.rollouts // world), generator, rank)
         results = self.metrics.compute()
         self.metrics.reset()
         if self.fid is not None:
-            results.update(self.fid.compute())
+            results.update(self.fid.compute(), **floor)
         images = {}
         if rows:
             images["one_step"] = make_grid(torch.cat(rows), nrow=model.hparams.context_frames + 2)
