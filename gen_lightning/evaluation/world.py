@@ -88,7 +88,7 @@ class WorldEvaluator:
     ) -> tuple[dict[str, float], dict[str, Image.Image]]:
         """`num_samples` one-step predictions over all ranks (each rank its share) and the rollouts; the FID
         reference statistics are read at the first call."""
-        floor = {}
+        floor: dict[str, float] = {}
         if self.fid is not None:
             self.fid.load_reference(reference, rank, world)
             floor = self.fid.floor(reference, num_samples, rank, world)  # FID of real frames: the least it can be

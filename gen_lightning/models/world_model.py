@@ -193,7 +193,7 @@ class WorldModel(DiffusionModel):
     def pixel_weight(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """[N, 1, H, W] weights, mean 1 per sample: 1 + change_weight where the next frame differs from the newest
         context frame (see the module docstring), 1 elsewhere; None when change_weight is 0."""
-        change_weight = self.hparams.get("change_weight", 0.0)  # absent from checkpoints older than the option
+        change_weight = self.hparams.change_weight  # older checkpoints load with the default (0: off)
         if not change_weight:
             return None
         frames, _ = self.check_batch(batch)
@@ -208,7 +208,7 @@ class WorldModel(DiffusionModel):
         last = frames[:, -1]
         frame = sampled if self.hparams.target == "frame" else last + 2 * sampled
         frame = frame.clamp(-1, 1)
-        snap = self.hparams.get("snap_unchanged", 0.0)  # absent from checkpoints older than the option
+        snap = self.hparams.snap_unchanged  # older checkpoints load with the default (0: off)
         if snap:
             unchanged = (frame - last).abs().amax(dim=1, keepdim=True) < snap
             frame = torch.where(unchanged, last, frame)
