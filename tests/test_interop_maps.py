@@ -90,5 +90,7 @@ def test_shapes_diffusers_cannot_represent_are_named():
     assert "heads of 8 and 16" in unet_export_problem(two_head_widths)
     cross = UNet(UNetConfig(channels=(32, 32), attention_levels=(), context_dim=16))
     assert "context" in unet_export_problem(cross)
+    patched = UNet(UNetConfig(channels=(32, 32), attention_levels=(), patch_size=2))
+    assert "unet.patch_size" in unet_export_problem(patched)
     heads = Autoencoder(AutoencoderConfig(channels=(32, 32), num_heads=4))
     assert "4 heads" in autoencoder_export_problem(heads)

@@ -61,6 +61,24 @@ def test_cond_embedding_and_errors():
         tiny(attention_levels=(3,))
 
 
+def test_patch_size_runs_the_unet_on_folded_pixels_and_unfolds_its_output():
+    """patch_size p is a UNet with p² times the channels in and out, on pixel-unshuffled input, shuffled back: the
+    same weights compute the same thing, and every output pixel keeps its own value."""
+    patched = perturb(tiny(patch_size=2, cond_dim=5))
+    folded = tiny(in_channels=12, out_channels=12, cond_dim=5)
+    folded.load_state_dict(patched.state_dict())
+    x, t, cond = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randn(2, 5)
+    out = patched(x, t, cond=cond)
+    assert out.shape == x.shape
+    expected = torch.nn.functional.pixel_shuffle(folded(torch.nn.functional.pixel_unshuffle(x, 2), t, cond=cond), 2)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out[..., 0::2, 0::2], out[..., 0::2, 1::2])  # not one value per patch
+    with pytest.raises(ValueError, match="patch_size 2"):
+        patched(torch.randn(1, 3, 10, 10), t[:1], cond=cond[:1])  # 10 is not a multiple of 2 (patch) × 2 (levels)
+    with pytest.raises(ValueError, match="patch_size=0"):
+        tiny(patch_size=0)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     plain = perturb(tiny())
     checkpointed = tiny(gradient_checkpointing=True)

@@ -106,6 +106,11 @@ def unet_export_problem(unet: UNet) -> str | None:
     config = unet.config
     if config.context_dim or config.cond_dim:
         return "this UNet takes a context or a conditioning embedding, for which UNet2DModel has no input"
+    if config.patch_size > 1:
+        return (
+            f"this UNet folds {config.patch_size}×{config.patch_size} pixel patches into channels (unet.patch_size), "
+            "which UNet2DModel does not do. Use --format safetensors"
+        )
     if problem := _group_problem(unet, "UNet"):
         return problem
     attention = [m for m in unet.modules() if isinstance(m, SpatialAttention)]
