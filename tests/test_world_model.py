@@ -116,6 +116,36 @@ def test_unet_input_is_noisy_next_plus_context_plus_cursor_channel():
     assert model.net.unet.config.cond_dim == ACTION_DIM + 1
 
 
+def test_key_kernels_stamp_the_pressed_keys_kernel_where_the_network_draws_its_map():
+    model = tiny_world_model(key_kernels=2, key_kernel_size=3)
+    net = model.net
+    assert net.unet.config.out_channels == 3 + 2  # the frame, then the two maps
+    maps = torch.zeros(2, 2, SIZE, SIZE)
+    maps[:, 1, 4, 5] = 1.0  # map 1 marks one pixel in both samples
+    action = torch.stack([encode_action({"x": 0.5, "y": 0.5, "key": "b"}), encode_action({"x": 0.5, "y": 0.5})])
+    stamped = net.stamp(maps, action)
+    kernels = net.key_kernel[KEYS.index("b") - 1].view(3, 2, 3, 3)  # row 0 is the first real key
+    # conv2d correlates, so a single marked pixel comes out as the kernel turned by 180°, centred on it
+    torch.testing.assert_close(stamped[0, :, 3:6, 4:7], kernels[:, 1].flip(-1, -2))
+    outside = torch.ones(SIZE, SIZE, dtype=torch.bool)
+    outside[3:6, 4:7] = False
+    assert not stamped[0][:, outside].any()
+    assert not stamped[1].any()  # no key pressed: nothing stamped
+
+    # In the network: the maps come from the UNet, and only the pressed key's kernels learn.
+    torch.nn.init.normal_(net.unet.out_conv.weight, std=0.1)
+    frames, x = torch.rand(2, CONTEXT, 3, SIZE, SIZE), torch.rand(2, 3, SIZE, SIZE)
+    out = net(x, torch.tensor([10, 10]), frames=frames, action=action, noise_level=torch.zeros(2))
+    assert out.shape == (2, 3, SIZE, SIZE)
+    out.square().sum().backward()
+    pressed = KEYS.index("b") - 1
+    assert net.key_kernel.grad[pressed].abs().sum() > 0
+    assert not torch.cat([net.key_kernel.grad[:pressed], net.key_kernel.grad[pressed + 1 :]]).any()
+    with pytest.raises(ValueError, match=r"model\.key_kernel_size=4"):
+        tiny_world_model(key_kernels=1, key_kernel_size=4)
+    assert not hasattr(tiny_world_model().net, "key_kernel")  # off by default: older checkpoints load as they were
+
+
 def test_context_noise_augmentation_only_in_training():
     model = tiny_world_model(context_noise=0.5, sample_context_noise=0.1)
     frames = torch.zeros(256, CONTEXT, 3, SIZE, SIZE)

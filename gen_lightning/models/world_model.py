@@ -8,6 +8,8 @@ Conditioning, all through the shared UNet:
   here" a local signal next to the widget under it (measured: no better after 20 CPU-minutes, bench/RESULTS.md);
 - the whole action (gen_lightning.actions' encoding: x, y, button, click, key) also goes through the UNet's `cond`
   embedding, added to the time embedding, together with the context-noise level below.
+- `key_kernels` (off by default): a pressed key also stamps learned kernels of its own onto maps the network draws
+  (a typed glyph's shape is then the key's kernel, and the network only says where; nn.world_unet).
 
 Noise augmentation of the context (GameNGen's trick): in training the context frames are corrupted with Gaussian noise
 of a random level in [0, context_noise], and the level is given to the model. A model that only ever saw clean
@@ -49,7 +51,7 @@ from typing import Any
 
 import torch
 
-from gen_lightning.actions import ACTION_DIM, encode_action
+from gen_lightning.actions import ACTION_DIM, KEYS, encode_action
 from gen_lightning.diffusion import Sampler
 from gen_lightning.errors import UserInputError
 from gen_lightning.models.diffusion import GUIDE_MUST_MATCH, DiffusionModel
@@ -91,6 +93,8 @@ class WorldModel(DiffusionModel):
     change_weight: λ, the extra loss weight of pixels that change from the newest context frame (0: plain mean).
     snap_unchanged: at sampling, a pixel whose predicted change from the newest context frame is below this in every
         channel keeps that frame's value (0: off); see above.
+    key_kernels / key_kernel_size: m maps the network draws where a pressed key's shape goes, stamped with that
+        key's m learned k×k kernels per channel (nn.world_unet; 0: off, the key acts only through the embedding).
     """
 
     kind = "next-frame"
@@ -111,6 +115,8 @@ class WorldModel(DiffusionModel):
         cursor_sigma: float = 1.5,
         change_weight: float = 0.0,
         snap_unchanged: float = 0.0,
+        key_kernels: int = 0,
+        key_kernel_size: int = 9,
         **kwargs: Any,
     ) -> None:
         if target not in TARGETS:
@@ -119,6 +125,11 @@ class WorldModel(DiffusionModel):
             raise ValueError(f"model.change_weight={change_weight}: must be >= 0")
         if not 0 <= snap_unchanged < 2:
             raise ValueError(f"model.snap_unchanged={snap_unchanged}: must lie in [0, 2) (a change in [-1, 1] units)")
+        if key_kernels < 0 or key_kernel_size < 1 or key_kernel_size % 2 == 0:
+            raise ValueError(
+                f"model.key_kernels={key_kernels}, model.key_kernel_size={key_kernel_size}: need key_kernels >= 0 "
+                "and an odd kernel size"
+            )
         if context_frames < 1:
             raise ValueError(f"model.context_frames={context_frames}: needs at least one previous frame")
         if not 0.0 <= sample_context_noise <= max(context_noise, 0.0) or context_noise < 0:
@@ -129,13 +140,20 @@ class WorldModel(DiffusionModel):
         unet_config = UNetConfig.coerce(unet if unet is not None else UNetConfig())
         pointer_channels = 3 if click_maps else 1  # where the cursor is (+ where the button is held, was clicked)
         unet_config.in_channels = IMAGE_CHANNELS * (context_frames + 1) + pointer_channels
-        unet_config.out_channels = IMAGE_CHANNELS
+        unet_config.out_channels = IMAGE_CHANNELS + key_kernels  # the frame (or change), then the key maps
         unet_config.cond_dim = COND_DIM
         super().__init__(unet=unet_config, image_size=image_size, **kwargs)
         channels_last = bool(self.hparams.channels_last)
-        self.wrap_network(
-            WorldUNet(self.inner_net, click_maps=click_maps, cursor_sigma=cursor_sigma, channels_last=channels_last)
+        world_net = WorldUNet(
+            self.inner_net,
+            click_maps=click_maps,
+            cursor_sigma=cursor_sigma,
+            channels_last=channels_last,
+            key_kernels=key_kernels,
+            key_kernel_size=key_kernel_size,
+            num_keys=len(KEYS),
         )
+        self.wrap_network(world_net)
         self.sample_shape = (IMAGE_CHANNELS, image_size, image_size)
         # A starting screen stored with the weights (filled from the first batch seen), so `play` needs only the
         # checkpoint. NaN until then.
