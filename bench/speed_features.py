@@ -31,18 +31,16 @@ FEATURES: dict[str, list[str]] = {
     "activation checkpointing on": ["--model.init_args.unet.gradient_checkpointing=true"],
     "bf16-mixed": ["--trainer.precision=bf16-mixed"],
 }
-# The world model's UNet at 64²: its full-resolution level is most of the step, so the rows are about that level.
+# The world model at 64²: the UNet's patch size (its first level's resolution) and the key kernels.
 WORLD_CONFIG = CONFIG.parent / "world_model_ui.yaml"
 WORLD_FEATURES: dict[str, list[str]] = {
     BASELINE: [],
-    "unet.patch_size 1, widths 32/64/96": [
+    "full-resolution first level, widths 32/64/96, no key kernels (make world until session 19)": [
         "--model.init_args.unet.patch_size=1",
         "--model.init_args.unet.channels=[32, 64, 96]",
+        "--model.init_args.key_kernels=0",
     ],
-    "unet.patch_size 2, widths 64/96/128": [
-        "--model.init_args.unet.patch_size=2",
-        "--model.init_args.unet.channels=[64, 96, 128]",
-    ],
+    "key_kernels 0": ["--model.init_args.key_kernels=0"],
     "bf16-mixed": ["--trainer.precision=bf16-mixed"],
 }
 
