@@ -87,8 +87,8 @@ text2image: data/emoji_latents/manifest.json $(CLIP_CKPT)
 	@echo "prompt grids: runs/ldm_emoji/heldout.png runs/ldm_emoji/prompts.png"
 	@echo "W&B offline runs: runs/vae_emoji/wandb/ runs/clip_emoji/wandb/ runs/ldm_emoji/wandb/"
 
-# World model (~46 minutes on 2 cores, measured on a fresh clone: 1 min of recording, 41 of training with the
-# callback's evaluation, 4 of held-out metrics): a Tk app on Xvfb driven by a scripted user, the action-conditioned
+# World model (~53 minutes on 2 cores, measured on a fresh clone: 1 min of recording, 48 of training with the
+# callback's evaluation, 3 of held-out metrics): a Tk app on Xvfb driven by a scripted user, the action-conditioned
 # model, its held-out metrics (JSON) and a scripted rollout next to the real app.
 data/ui/manifest.json: | setup
 	$(VENV)/bin/gen-lightning shards ui --out data/ui
