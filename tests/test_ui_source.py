@@ -304,3 +304,20 @@ def _children(pid: int) -> dict[int, str]:
         if ppid == pid:
             found[int(stat.parent.name)] = name
     return found
+
+
+def test_entry_scrolled_marks_the_steps_that_move_the_entrys_view():
+    # Nine characters fill the entry; past them Tk scrolls its view, and deleting brings the start back into view.
+    script = [("click", "entry", ""), *[("key", None, k) for k in "abcdefghijkl"], *[("key", None, "BackSpace")] * 6]
+    with virtual_display() as display:
+        policy = ReplayPolicy(script)
+        samples = list(iter_ui_samples(display, [0], steps=len(script), size=64, policy_for=lambda _: policy))
+    scrolled = [s["json"]["entry_scrolled"] for s in samples]
+    assert not any(scrolled[:10])  # the click and the first nine characters fit
+    assert any(scrolled[10:13]) and any(scrolled[13:])  # overflowing text scrolls; deleting it scrolls back
+    line = slice(44, 59)  # the text line's rows at 64 px
+    for sample, previous in zip(samples[1:], samples, strict=False):
+        frame, before = (_image(s["png"])[line].astype(int) for s in (sample, previous))
+        shifted = np.abs(frame[:, 4:56] - before[:, 4:56]).sum(-1).astype(bool).mean()
+        # A scroll moves the whole line of glyphs (~half its pixels change); a typed or deleted cell, ~1/8 of them.
+        assert (shifted > 0.2) == sample["json"]["entry_scrolled"], sample["__key__"]

@@ -179,6 +179,8 @@ class UiApp:
             "toggled": self.toggled,
             "checked": self.checked.get(),
             "text": self.entry.get(),
+            # The first character in view: Tk scrolls the entry by whole characters once its text overflows.
+            "text_first": int(self.entry.index("@0")),
             "panel": self.panel_colour,
             "boxes": self.boxes(),
         }

@@ -7,8 +7,10 @@ action t; every frame carries the cursor sprite at its own step's pointer positi
     png          frame t+1, size × size RGB
     context.png  frames t-K+1..t tiled left to right, (K·size) × size (frames before 0 repeat frame 0)
     action.json  action t: {"x", "y", "button", "click", "key"} (gen_lightning.actions.check_action)
-    json         {"episode", "t", "kind", "target", "context_frames"}; kind is move, click, key, drag_press,
-                 drag_move or drag_release, target the widget aimed at ("toggle", "menu:red", ...) or null
+    json         {"episode", "t", "kind", "target", "context_frames", "entry_scrolled"}; kind is move, click, key,
+                 drag_press, drag_move or drag_release, target the widget aimed at ("toggle", "menu:red", ...) or
+                 null; entry_scrolled whether the action moved the text entry's view (its text overflowed, or came
+                 back into view): a rare change that moves a whole line of glyphs, for data.oversample
 Train/val are split by episode, and an episode's samples are written in step order (val rollouts replay them).
 
 Input goes through the X server's XTest extension, the path xdotool takes, but called in-process with ctypes:
@@ -283,6 +285,7 @@ def iter_ui_samples(
             history = deque([frame] * context, maxlen=context)  # frames before 0 repeat frame 0
             for t in range(steps):
                 step = policy.next_step(recorder.state, recorder.pointer)
+                first_in_view = recorder.state["text_first"]
                 screen = recorder.do(step)
                 action = check_action(action_of(step, recorder.input.held), f"episode {episode} step {t}")
                 frame = draw_cursor(screen, action["x"], action["y"])
@@ -300,6 +303,7 @@ def iter_ui_samples(
                         "kind": step.kind,
                         "target": step.target,
                         "context_frames": context,
+                        "entry_scrolled": recorder.state["text_first"] != first_in_view,
                     },
                 }
                 history.append(frame)
