@@ -93,7 +93,8 @@ def check_rules_match(
         if not any(rule.field in meta for meta in metas):
             fields = sorted({field for meta in metas for field in meta})
             raise UserInputError(
-                f"{OPTION}: no sample in {where} has the json field {rule.field!r} (fields there: {fields})"
+                f"{OPTION}: no sample in {where} has the json field {rule.field!r} (fields there: {fields}); "
+                "a misspelt field, or shards written before their recorder wrote it: record them again"
             )
     weights = [math.prod(rule.factor for rule in rules if rule.matches(meta)) for meta in metas]
     total = sum(weights) or 1.0
