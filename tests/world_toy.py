@@ -51,5 +51,12 @@ def toy_world_samples(episodes: int, steps: int, context: int = 2, size: int = 1
                 "png": png(frames[-1]),
                 "context.png": png(strip),
                 "action.json": action,
-                "json": {"episode": episode, "t": t, "kind": "click" if click else "move", "context_frames": context},
+                # The UI recorder's fields (a toy has no text field to scroll), so its configs' oversample rules apply.
+                "json": {
+                    "episode": episode,
+                    "t": t,
+                    "kind": "click" if click else "move",
+                    "context_frames": context,
+                    "entry_scrolled": False,
+                },
             }
