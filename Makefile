@@ -90,7 +90,9 @@ text2image: data/emoji_latents/manifest.json $(CLIP_CKPT)
 # World model (~53 minutes on 2 cores, measured on a fresh clone: 1 min of recording, 48 of training with the
 # callback's evaluation, 3 of held-out metrics): a Tk app on Xvfb driven by a scripted user, the action-conditioned
 # model, its held-out metrics (JSON) and a scripted rollout next to the real app.
-data/ui/manifest.json: | setup
+# Recorded again when the recorder changes (e.g. a new json field that the config's oversample rules read).
+UI_RECORDER := gen_lightning/data/ui_source.py gen_lightning/data/ui_app.py gen_lightning/data/ui_policy.py
+data/ui/manifest.json: $(UI_RECORDER) | setup
 	$(VENV)/bin/gen-lightning shards ui --out data/ui
 
 world: data/ui/manifest.json
